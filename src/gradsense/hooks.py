@@ -1,0 +1,83 @@
+"""The one place that registers forward hooks on decoder blocks; every hook is a context manager, so none leaks.
+
+Convention: "layer ℓ" means the *output* of block ℓ (0-based), i.e. HF `hidden_states[ℓ + 1]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+from gradsense.models import blocks, check_layer
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _split(output):
+    """A block returns a tensor (transformers ≥ 5) or a tuple whose first item is the hidden state."""
+    if isinstance(output, tuple):
+        return output[0], lambda h: (h, *output[1:])
+    return output, lambda h: h
+
+
+@contextmanager
+def edit_block_output(model: nn.Module, layer: int, edit: Edit) -> Iterator[None]:
+    """Replace the output hidden state h of block `layer` by `edit(h)` for every forward pass inside the block."""
+    block = blocks(model)[check_layer(model, layer)]
+
+    def hook(_module, _inputs, output):
+        hidden, rebuild = _split(output)
+        return rebuild(edit(hidden))
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def edit_block_outputs(model: nn.Module, edits: dict[int, Edit]) -> Iterator[None]:
+    """Several `edit_block_output` hooks at once, removed together."""
+    with ExitStack() as stack:
+        for layer, edit in edits.items():
+            stack.enter_context(edit_block_output(model, layer, edit))
+        yield
+
+
+@contextmanager
+def capture(model: nn.Module, layers: Sequence[int], store: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Record the output hidden state of each block in `layers` into `store[layer]` (no edit)."""
+
+    def recorder(layer: int) -> Edit:
+        def record(hidden: torch.Tensor) -> torch.Tensor:
+            store[layer] = hidden
+            return hidden
+
+        return record
+
+    with edit_block_outputs(model, {check_layer(model, layer): recorder(check_layer(model, layer)) for layer in layers}):
+        yield
+
+
+@contextmanager
+def inject(model: nn.Module, layer: int, positions: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
+    """Add `vectors[b, j]` to the output of block `layer` at sequence position `positions[b, j]` of batch row b.
+
+    positions: (batch, k) long; vectors: (batch, k, d). Applied only on the full-sequence pass (not cached decode
+    steps), so generation with a KV cache keeps the injection in the cache and adds it once.
+    """
+
+    def add(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[1] <= int(positions.max()):
+            return hidden  # a cached decoding step: the injected positions are already in the cache
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(positions)
+        delta = torch.zeros_like(hidden)
+        delta[rows, positions.to(hidden.device)] = vectors.to(hidden.dtype).to(hidden.device)
+        return hidden + delta
+
+    with edit_block_output(model, layer, add):
+        yield

@@ -1,0 +1,59 @@
+"""Run one pipeline stage: read its section of params.yaml and execute its notebook with papermill."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from gradsense.errors import GradsenseError
+
+SHARED_KEYS = ("seed",)
+
+
+def notebook_for(stage: str, root: Path) -> Path:
+    """The notebook `notebooks/NN_<stage>.ipynb` that implements a stage."""
+    found = sorted((root / "notebooks").glob(f"[0-9][0-9]_{stage}.ipynb"))
+    if len(found) != 1:
+        raise GradsenseError(f"unknown stage {stage!r}: expected one notebooks/NN_{stage}.ipynb, found {len(found)}")
+    return found[0]
+
+
+def stage_parameters(stage: str, params_file: Path) -> dict:
+    """Notebook parameters for a stage: `seed`, `model.name` → `model_name`, `model.device` → `device`, then the section."""
+    if not params_file.is_file():
+        raise GradsenseError(f"params file {params_file} is missing")
+    params = yaml.safe_load(params_file.read_text()) or {}
+    if stage not in params:
+        raise GradsenseError(f"params file {params_file} has no section {stage!r}")
+    model = params.get("model", {}) or {}
+    merged = {key: params[key] for key in SHARED_KEYS if key in params}
+    merged["model_name"] = model.get("name")
+    merged["device"] = model.get("device", "auto")
+    merged.update(params[stage] or {})
+    return merged
+
+
+def run_stage(stage: str, root: Path = Path("."), params_file: Path | None = None) -> Path:
+    """Execute a stage's notebook into results/<stage>/; on failure remove its outputs and raise a one-line error."""
+    import papermill
+
+    root = root.resolve()
+    notebook = notebook_for(stage, root)
+    parameters = stage_parameters(stage, params_file or root / "params.yaml")
+    outputs = [root / "results" / stage, root / "figures" / stage]
+    for folder in outputs:
+        shutil.rmtree(folder, ignore_errors=True)
+    (root / "results" / stage).mkdir(parents=True)
+    executed = root / "results" / stage / notebook.name
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(executed), parameters=parameters, kernel_name="python3",
+            cwd=str(root / "notebooks"), progress_bar=False, log_output=True,
+        )
+    except papermill.PapermillExecutionError as exc:
+        for folder in outputs:  # nothing half-written is left looking valid
+            shutil.rmtree(folder, ignore_errors=True)
+        raise GradsenseError(f"stage {stage} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}".splitlines()[0]) from None
+    return executed
