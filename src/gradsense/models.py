@@ -96,20 +96,26 @@ def _load_gguf(path: Path, expected_sha256: str | None):
 def _load_named(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name)
+    path = Path(name).expanduser()
     if path.suffix == ".gguf":
         return _load_gguf(path, None)
-    if path.exists() and not path.is_dir():
-        raise GradsenseError(f"unknown model {name!r}: a file that is not .gguf (give a directory, a .gguf file or a HF id)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise GradsenseError(
-            f"unknown model {name!r}: not a local model directory and not loadable from the HF hub or its cache "
-            f"({type(exc).__name__})"
-        ) from None
-    return model, tokenizer
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise GradsenseError(f"unknown model {name!r}: no such model directory (give a directory, a .gguf file or a HF id)")
+    # Local directory or HF cache first (no network); the hub only when the cache misses and we are online.
+    attempts = [True] if looks_local or os.environ.get("HF_HUB_OFFLINE") == "1" else [True, False]
+    for local_only in attempts:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=torch.float32,
+                                                         local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name, local_files_only=local_only)
+            return model, tokenizer
+        except (OSError, ValueError) as exc:
+            error = exc
+    raise GradsenseError(
+        f"unknown model {name!r}: not a local model directory and not loadable from the HF hub or its cache "
+        f"({type(error).__name__})"
+    )
 
 
 def prepare(model: nn.Module, tokenizer, device: str | torch.device = "auto"):

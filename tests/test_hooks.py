@@ -1,0 +1,59 @@
+"""gradsense.hooks: edits, captures and injections at block outputs, never leaking."""
+
+import pytest
+import torch
+
+from gradsense.hooks import capture, edit_block_output, inject
+from gradsense.models import blocks
+
+
+def _our_hooks(model):
+    return [f for block in blocks(model) for f in block._forward_hooks.values() if f.__module__ == "gradsense.hooks"]
+
+
+@pytest.fixture
+def no_leak(tiny):
+    """Fails the test if any hook registered by gradsense.hooks is left on a block."""
+    yield
+    assert _our_hooks(tiny[0]) == []
+
+
+def test_capture_matches_hidden_states_convention(tiny, no_leak):
+    model, _ = tiny
+    ids = torch.tensor([[3, 4, 5, 6]])
+    store = {}
+    with capture(model, [0, 2], store):
+        out = model(ids, output_hidden_states=True)
+    for layer in (0, 2):  # output of block ℓ is hidden_states[ℓ + 1]
+        assert torch.allclose(store[layer], out.hidden_states[layer + 1])
+
+
+def test_edit_changes_output_and_is_removed_after_error(tiny, no_leak):
+    model, _ = tiny
+    ids = torch.tensor([[3, 4, 5]])
+    base = model(ids).logits
+    try:
+        with edit_block_output(model, 1, lambda h: h * 0):
+            assert _our_hooks(model) and not torch.allclose(model(ids).logits, base)
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert torch.allclose(model(ids).logits, base)
+
+
+def test_inject_adds_only_at_positions(tiny, no_leak):
+    model, _ = tiny
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    d = model.config.hidden_size
+    vectors = torch.randn(2, 1, d)
+    positions = torch.tensor([[1], [2]])
+    clean, injected = {}, {}
+    with capture(model, [1], clean):
+        model(ids)
+    with inject(model, 1, positions, vectors), capture(model, [1], injected):
+        model(ids)
+    diff = injected[1] - clean[1]
+    assert torch.allclose(diff[0, 1], vectors[0, 0], atol=1e-6) and torch.allclose(diff[1, 2], vectors[1, 0], atol=1e-6)
+    diff[0, 1] = 0
+    diff[1, 2] = 0
+    assert diff.abs().max() < 1e-6
