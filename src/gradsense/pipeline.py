@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import resource
 import shutil
+import time
 from pathlib import Path
 
 import yaml
 
 from gradsense.errors import GradsenseError
+from gradsense.report import save_json
 
 SHARED_KEYS = ("seed",)
+HTML_STAGES = ("paper",)  # stages whose executed notebook is also exported as an HTML report (code hidden)
 
 
 def notebook_for(stage: str, root: Path) -> Path:
@@ -35,6 +39,17 @@ def stage_parameters(stage: str, params_file: Path) -> dict:
     return merged
 
 
+def export_html(notebook: Path, html: Path) -> Path:
+    """Render an executed notebook to a self-contained HTML report without code cells."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    html.write_text(body)
+    return html
+
+
 def run_stage(stage: str, root: Path = Path("."), params_file: Path | None = None) -> Path:
     """Execute a stage's notebook into results/<stage>/; on failure remove its outputs and raise a one-line error."""
     import papermill
@@ -47,6 +62,7 @@ def run_stage(stage: str, root: Path = Path("."), params_file: Path | None = Non
         shutil.rmtree(folder, ignore_errors=True)
     (root / "results" / stage).mkdir(parents=True)
     executed = root / "results" / stage / notebook.name
+    start = time.perf_counter()
     try:
         papermill.execute_notebook(
             str(notebook), str(executed), parameters=parameters, kernel_name="python3",
@@ -56,4 +72,10 @@ def run_stage(stage: str, root: Path = Path("."), params_file: Path | None = Non
         for folder in outputs:  # nothing half-written is left looking valid
             shutil.rmtree(folder, ignore_errors=True)
         raise GradsenseError(f"stage {stage} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}".splitlines()[0]) from None
+    if stage in HTML_STAGES:
+        export_html(executed, executed.with_suffix(".html"))
+    # The kernel is a reaped child process, so RUSAGE_CHILDREN holds its peak resident memory (KiB on Linux).
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    save_json({"stage": stage, "wall_s": round(time.perf_counter() - start, 2), "peak_rss_gb": round(peak_gb, 3)},
+              root / "results" / stage / "stage_run.json")
     return executed
