@@ -81,3 +81,17 @@ def inject(model: nn.Module, layer: int, positions: torch.Tensor, vectors: torch
 
     with edit_block_output(model, layer, add):
         yield
+
+
+@contextmanager
+def edit_module_io(pre: dict[nn.Module, Edit], post: dict[nn.Module, Edit]) -> Iterator[None]:
+    """Forward pre-hooks `fn(x) -> x` on a submodule's first input and forward hooks `fn(y) -> y` on its output
+    (for MLP internals; block outputs use `edit_block_output`)."""
+    with ExitStack() as stack:
+        for module, fn in pre.items():
+            handle = module.register_forward_pre_hook(lambda _m, args, fn=fn: (fn(args[0]), *args[1:]))
+            stack.callback(handle.remove)
+        for module, fn in post.items():
+            handle = module.register_forward_hook(lambda _m, _args, out, fn=fn: fn(out))
+            stack.callback(handle.remove)
+        yield

@@ -1,0 +1,374 @@
+"""Per-example activation gradients: d(−Σ log p(target tokens | prompt)) / d(output of block ℓ), batched.
+
+One forward and one `torch.autograd.grad` per batch: the items' losses are summed, which is exact because items
+never interact (each row attends only to itself), so d(Σ_b loss_b)/d h_b = d loss_b / d h_b. The parameters stay
+frozen and the graph starts at the earliest requested layer: its output is replaced by a detached leaf that
+requires grad, so nothing below it is ever differentiated. Later layers' outputs are kept as graph nodes and
+differentiated in the same call. Layer ℓ = output of block ℓ = HF `hidden_states[ℓ + 1]` (see gradsense.hooks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gradsense.errors import GradsenseError
+from gradsense.hooks import edit_block_outputs, edit_module_io
+from gradsense.models import blocks, check_layer, model_device, n_layers
+from gradsense.scoring import Batch, batches, encode, target_text, tokenize_prompt, tokenize_target
+
+POSITIONS = ("last", "target")
+
+
+@dataclass
+class ActivationGradients:
+    """Gradients and activations at the output of each requested block, one row per item (float32 numpy)."""
+
+    grads: np.ndarray  # (L, N, d_model) d loss / d h at the site
+    acts: np.ndarray  # (L, N, d_model) h at the site (mean over the sites when position="target")
+    loss: np.ndarray  # (N,) summed target NLL in nats
+    layers: list[int]
+    ids: list
+    position: str
+    n_target_tokens: np.ndarray  # (N,)
+    # Optional (units=True): the MLP hidden units of each layer's block (the input of down_proj), same position.
+    unit_acts: np.ndarray | None = None  # (L, N, d_mlp) hidden unit values act(gate) * up
+    unit_grads: np.ndarray | None = None  # (L, N, d_mlp) d loss / d (down_proj input)
+    unit_input_grad_sq: np.ndarray | None = None  # (L, N, d_mlp) (d loss/d gate_j)² + (d loss/d up_j)²
+
+    @property
+    def index(self) -> pd.DataFrame:
+        """One row per item: its row number, id, loss and number of target tokens."""
+        return pd.DataFrame({"row": np.arange(len(self.ids)), "id": self.ids, "loss": self.loss,
+                             "n_target_tokens": self.n_target_tokens})
+
+    def at(self, layer: int) -> int:
+        """Index of `layer` along the first axis of the arrays."""
+        if layer not in self.layers:
+            raise GradsenseError(f"layer {layer} was not extracted (have {self.layers})")
+        return self.layers.index(layer)
+
+
+def resolve_layers(model: nn.Module, spec: int | float | Sequence[int | float]) -> list[int]:
+    """Block indices from ints (indices, negative from the end) or floats in [0, 1) (fraction of depth, floored)."""
+    items = [spec] if isinstance(spec, (int, float)) else list(spec)
+    if not items:
+        raise GradsenseError("layers: at least one layer is needed")
+    count, layers = n_layers(model), []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise GradsenseError(f"layers: {item!r} is neither a block index nor a depth fraction")
+        if isinstance(item, float):
+            if not 0.0 <= item < 1.0:
+                raise GradsenseError(f"layers: fraction {item} is outside [0, 1)")
+            item = int(item * count)  # floor: 0.25/0.5/0.75 of 30 blocks → 7, 15, 22
+        layers.append(check_layer(model, item))
+    if len(set(layers)) != len(layers):
+        raise GradsenseError(f"layers: {items} resolves to repeated blocks {layers}")
+    return layers
+
+
+def _leaf(h: torch.Tensor) -> torch.Tensor:
+    """A detached copy that requires grad: the backward pass stops here."""
+    return h.detach().requires_grad_(True)
+
+
+def target_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(B,) summed target NLL, with the unembedding applied only at the positions that predict target tokens."""
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    where = batch.target_positions
+    logits = model.get_output_embeddings()(hidden[where])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision → float32, float64 kept
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # models that soft-cap their logits (e.g. Gemma 2) do it after the unembedding
+        logits = torch.tanh(logits / cap) * cap
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, batch.labels[where][:, None])[:, 0]
+    rows = where.nonzero()[:, 0]
+    return torch.zeros(len(where), dtype=picked.dtype, device=picked.device).index_add(0, rows, -picked)
+
+
+def _select(x: torch.Tensor, batch: Batch, position: str, reduce: str) -> torch.Tensor:
+    """(B, T, d) → (B, d): the last prompt position, or the sum/mean over the target-predicting positions."""
+    if position == "last":
+        return x[torch.arange(len(x), device=x.device), batch.last_prompt]
+    where = batch.target_positions[..., None].to(x.dtype)
+    total = (x * where).sum(1)
+    return total if reduce == "sum" else total / where.sum(1)
+
+
+def length_batches(
+    tokenizer, prompts: Sequence[str], targets: Sequence[str], ids: Sequence, batch_size: int
+) -> list[np.ndarray]:
+    """Row indices grouped into batches of similar token length (less padding), after validating every item
+    up front so a bad item fails before any compute."""
+    lengths = [len(tokenize_prompt(tokenizer, p, i)) + len(tokenize_target(tokenizer, t, i))
+               for p, t, i in zip(prompts, targets, ids)]
+    order = np.argsort(lengths, kind="stable")
+    return [order[part] for part in batches(len(order), batch_size)]
+
+
+def _pick(items: Sequence, rows: np.ndarray) -> list:
+    return [items[i] for i in rows]
+
+
+def _check_finite(ids: Sequence, loss: torch.Tensor, grads: list[torch.Tensor]) -> None:
+    """Raise naming the first item whose loss or gradient is not finite."""
+    bad = ~torch.isfinite(loss)
+    for grad in grads:
+        bad |= ~torch.isfinite(grad).flatten(1).all(1)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise GradsenseError(f"item {ids[row]}: non-finite gradient (loss {float(loss[row]):.4g})")
+
+
+def _unit_hooks(model: nn.Module, layers: list[int], keep: Callable) -> tuple[dict, dict]:
+    """Pre/post hooks that record each layer's MLP hidden units u = act(gate) * up (down_proj input), gate and up,
+    with the cut moved to the MLP input of the earliest block so that its units are differentiated too."""
+    pre, post = {}, {}
+    for layer in layers:
+        mlp = blocks(model)[layer].mlp
+        if layer == min(layers):
+            pre[mlp] = _leaf
+        pre[mlp.down_proj] = keep(f"u{layer}")
+        post[mlp.gate_proj] = keep(f"gate{layer}")
+        post[mlp.up_proj] = keep(f"up{layer}")
+    return pre, post
+
+
+def _batch_gradients(
+    model: nn.Module, batch: Batch, layers: list[int], position: str, units: bool, ids: Sequence
+) -> dict[str, torch.Tensor]:
+    """Forward once with the graph cut at the earliest layer, then one autograd.grad for every recorded site."""
+    sites: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, cut: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            sites[name] = _leaf(h) if cut else h
+            return sites[name]
+
+        return fn
+
+    edits = {layer: keep(f"h{layer}", cut=(layer == min(layers) and not units)) for layer in layers}
+    pre, post = _unit_hooks(model, layers, keep) if units else ({}, {})
+    with torch.enable_grad(), edit_block_outputs(model, edits), edit_module_io(pre, post):
+        loss = target_loss(model, batch)
+        grads = dict(zip(sites, torch.autograd.grad(loss.sum(), list(sites.values()))))
+    _check_finite(ids, loss.detach(), list(grads.values()))
+
+    def at_position(source: dict[str, torch.Tensor], kind: str, reduce: str) -> torch.Tensor:
+        return torch.stack([_select(source[f"{kind}{layer}"].detach(), batch, position, reduce) for layer in layers])
+
+    out = {"loss": loss.detach(), "grads": at_position(grads, "h", "sum"), "acts": at_position(sites, "h", "mean")}
+    if units:
+        out["unit_grads"] = at_position(grads, "u", "sum")
+        out["unit_acts"] = at_position(sites, "u", "mean")
+        out["unit_input_grad_sq"] = at_position(grads, "gate", "sum") ** 2 + at_position(grads, "up", "sum") ** 2
+    return out
+
+
+def activation_gradients(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    layers: int | Sequence[int],
+    position: str = "last",
+    batch_size: int = 32,
+    ids: Sequence | None = None,
+    *,
+    padding_side: str = "left",
+    units: bool = False,
+    progress: bool = True,
+) -> ActivationGradients:
+    """Gradient of each item's summed target NLL w.r.t. the output of each block in `layers` (float32, (L, N, d)).
+
+    `targets` are continuation strings (use `scoring.target_text(answer)`). position="last": at the last prompt
+    token; "target": summed over the positions that predict target tokens. units=True also returns the MLP
+    hidden units of those blocks (values, gradients, and the squared gradient at each unit's two input projections).
+    """
+    if position not in POSITIONS:
+        raise GradsenseError(f"position must be one of {POSITIONS}, not {position!r}")
+    layers = [check_layer(model, layer) for layer in ([layers] if isinstance(layers, int) else layers)]
+    if not layers or len(set(layers)) != len(layers):
+        raise GradsenseError(f"layers must be distinct block indices, got {layers}")
+    if len(prompts) != len(targets):
+        raise GradsenseError(f"{len(prompts)} prompts but {len(targets)} targets")
+    ids = list(ids) if ids is not None else list(range(len(prompts)))
+    if len(ids) != len(prompts):
+        raise GradsenseError(f"{len(prompts)} prompts but {len(ids)} ids")
+    if len(prompts) == 0:
+        raise GradsenseError("no prompts given")
+    device, parts = model_device(model), []
+    groups = length_batches(tokenizer, prompts, targets, ids, batch_size)
+    for rows in tqdm(groups, desc="activation gradients", disable=not progress):
+        names = _pick(ids, rows)
+        batch = encode(tokenizer, _pick(prompts, rows), _pick(targets, rows), padding_side, names).to(device)
+        out = _batch_gradients(model, batch, layers, position, units, names)
+        out["n_target_tokens"] = batch.target_positions.sum(1)
+        parts.append({k: v.float().cpu() for k, v in out.items()})
+    order = np.argsort(np.concatenate(groups), kind="stable")  # back to the caller's row order
+
+    def joined(key: str, axis: int) -> np.ndarray:
+        return torch.cat([p[key] for p in parts], dim=axis).numpy().astype(np.float32).take(order, axis=axis)
+
+    extra = {k: joined(k, 1) for k in ("unit_acts", "unit_grads", "unit_input_grad_sq")} if units else {}
+    return ActivationGradients(
+        grads=joined("grads", 1), acts=joined("acts", 1), loss=joined("loss", 0), layers=layers, ids=ids,
+        position=position, n_target_tokens=joined("n_target_tokens", 0).astype(np.int64), **extra,
+    )
+
+
+@torch.no_grad()
+def final_token_activations(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 32,
+    ids: Sequence | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """(L, N, d) output of each block at the last token of prompt + continuation (tokenised as in teacher forcing)."""
+    layers = [check_layer(model, layer) for layer in layers]
+    ids = list(ids) if ids is not None else list(range(len(prompts)))
+    if not len(prompts) == len(continuations) == len(ids):
+        raise GradsenseError(f"{len(prompts)} prompts, {len(continuations)} continuations and {len(ids)} ids")
+    device, parts = model_device(model), []
+    groups = length_batches(tokenizer, prompts, continuations, ids, batch_size)
+    for rows in tqdm(groups, desc="final-token activations", disable=not progress):
+        batch = encode(tokenizer, _pick(prompts, rows), _pick(continuations, rows), "left", _pick(ids, rows)).to(device)
+        last = batch.last_prompt + batch.target_positions.sum(1)
+        store: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            def fn(h: torch.Tensor) -> torch.Tensor:
+                store[layer] = h[torch.arange(len(h), device=h.device), last]
+                return h
+
+            return fn
+
+        with edit_block_outputs(model, {layer: keep(layer) for layer in layers}):
+            # Only the blocks are needed: run the body, never the unembedding.
+            model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids, use_cache=False)
+        parts.append(torch.stack([store[layer] for layer in layers]).float().cpu())
+    if not parts:
+        raise GradsenseError("no prompts given")
+    order = np.argsort(np.concatenate(groups), kind="stable")
+    return torch.cat(parts, dim=1).numpy().astype(np.float32)[:, order]
+
+
+def steering_vectors(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    rights: Sequence[str],
+    wrongs: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 32,
+    ids: Sequence | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """(L, N, d) contrastive steering vector: output of block ℓ at the last token of prompt+right minus prompt+wrong.
+
+    `rights` / `wrongs` are continuation strings like `targets` (use `scoring.target_text(answer)`).
+    """
+    if not len(prompts) == len(rights) == len(wrongs):
+        raise GradsenseError(f"{len(prompts)} prompts, {len(rights)} rights and {len(wrongs)} wrongs")
+    kw = dict(layers=layers, batch_size=batch_size, ids=ids, progress=progress)
+    return final_token_activations(model, tokenizer, prompts, rights, **kw) - final_token_activations(
+        model, tokenizer, prompts, wrongs, **kw
+    )
+
+
+def correction_steering(
+    model: nn.Module, tokenizer, table: pd.DataFrame, layers: Sequence[int], batch_size: int = 32, progress: bool = True
+) -> np.ndarray:
+    """(L, N, d) steering vector towards each row's target: state after prompt+target minus after prompt+source.
+
+    Each distinct (prompt, continuation) is run once, so a fact asked in both directions costs two passes, not four.
+    """
+    pairs = pd.concat([table[["prompt", "target"]].set_axis(["prompt", "answer"], axis=1),
+                       table[["prompt", "source"]].set_axis(["prompt", "answer"], axis=1)])
+    unique = pairs.drop_duplicates().reset_index(drop=True)  # first-occurrence order: deterministic
+    acts = final_token_activations(model, tokenizer, unique["prompt"].tolist(),
+                                   [target_text(a) for a in unique["answer"]], layers, batch_size, progress=progress)
+    where = {key: i for i, key in enumerate(zip(unique["prompt"], unique["answer"]))}
+    to_target = [where[key] for key in zip(table["prompt"], table["target"])]
+    to_source = [where[key] for key in zip(table["prompt"], table["source"])]
+    return acts[:, to_target] - acts[:, to_source]
+
+
+def correction_gradients(
+    model: nn.Module,
+    tokenizer,
+    table: pd.DataFrame,
+    layers: Sequence[int],
+    position: str = "last",
+    batch_size: int = 32,
+    units: bool = False,
+    progress: bool = True,
+) -> ActivationGradients:
+    """Activation gradients of a corrections table (columns id, prompt, target): one row per table row, in order."""
+    missing = [c for c in ("id", "prompt", "target") if c not in table.columns]
+    if missing:
+        raise GradsenseError(f"corrections table lacks columns {missing}")
+    return activation_gradients(
+        model, tokenizer, table["prompt"].tolist(), [target_text(a) for a in table["target"]], layers, position,
+        batch_size, ids=table["id"].tolist(), units=units, progress=progress,
+    )
+
+
+def save_gradients(path: str | Path, result: ActivationGradients, steering: np.ndarray) -> Path:
+    """Write grads, acts, steering, loss, layers, ids (and position, n_target_tokens) as one .npz, atomically."""
+    path = Path(path)
+    if steering.shape != result.grads.shape:
+        raise GradsenseError(f"steering {steering.shape} and gradients {result.grads.shape} differ in shape")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez(
+            handle, grads=result.grads, acts=result.acts, steering=steering.astype(np.float32), loss=result.loss,
+            layers=np.asarray(result.layers, dtype=np.int64), ids=np.asarray([str(i) for i in result.ids]),
+            position=np.asarray(result.position), n_target_tokens=result.n_target_tokens,
+        )
+    tmp.replace(path)  # a half-written file never looks valid
+    return path
+
+
+def load_gradients(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays written by `save_gradients` (ids as str, layers as a list of int)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradsenseError(f"gradients file {path} is missing (run the gradients stage)")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["layers"] = [int(x) for x in arrays["layers"]]
+    arrays["ids"] = arrays["ids"].astype(str)
+    return arrays
+
+
+def balanced_subset(table: pd.DataFrame, max_items: int | None) -> pd.DataFrame:
+    """At most about `max_items` rows: the first facts of every domain (whole facts, all their directions), the
+    table's order kept; None = the whole table."""
+    if max_items is None or max_items >= len(table):
+        return table.reset_index(drop=True)
+    facts = table.drop_duplicates("fact_id")[["fact_id", "domain"]]
+    rows_per_fact = len(table) / len(facts)
+    per_domain = max(1, int(max_items // (rows_per_fact * facts["domain"].nunique())))
+    keep = facts.groupby("domain", sort=True).head(per_domain)["fact_id"]
+    return table[table["fact_id"].isin(keep)].reset_index(drop=True)

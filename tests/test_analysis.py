@@ -1,0 +1,118 @@
+"""Gradient-geometry analyses on synthetic arrays whose answer is known."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradsense.analysis import (
+    cosine_table,
+    domain_cosine_matrix,
+    domain_cosines,
+    first_content_token,
+    gating_share,
+    gating_table,
+    lens_ranks,
+    lens_table,
+    pca_2d,
+    probe_table,
+    row_cosine,
+    unit_rows,
+)
+from gradsense.errors import GradsenseError
+
+
+def _clusters(n_per: int = 40, d: int = 16, spread: float = 0.3, seed: int = 0):
+    """Three well-separated domains: a mean direction per domain plus noise."""
+    rng = np.random.default_rng(seed)
+    centres = 3 * np.eye(3, d)
+    domains = np.repeat(["bio", "geo", "hist"], n_per)
+    x = centres[np.repeat(np.arange(3), n_per)] + spread * rng.standard_normal((3 * n_per, d))
+    return x, domains
+
+
+def test_unit_rows_and_row_cosine():
+    x = np.array([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(unit_rows(x), [[0.6, 0.8], [0.0, 0.0]])
+    cos = row_cosine(np.array([[1.0, 0.0], [1.0, 1.0]]), np.array([[2.0, 0.0], [-1.0, -1.0]]))
+    np.testing.assert_allclose(cos, [1, -1])
+
+
+def test_pca_separates_clusters():
+    x, domains = _clusters()
+    coords, explained = pca_2d(x)
+    assert coords.shape == (len(x), 2) and explained.sum() > 0.8
+    centroids = np.array([coords[domains == d].mean(0) for d in ("bio", "geo", "hist")])
+    assert np.linalg.norm(centroids[0] - centroids[1]) > 5 * coords[domains == "bio"].std(0).max()
+
+
+def test_domain_cosines_within_exceeds_across_and_groups_are_excluded():
+    x, domains = _clusters()
+    table = domain_cosines(x, domains)
+    assert (table["within"] > table["across"] + 0.5).all()
+    # Two copies of one item in the same group: excluded from each other's within-domain mean.
+    pair = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    grouped = domain_cosines(pair, ["a", "a", "a", "b"], groups=[0, 0, 1, 2])
+    np.testing.assert_allclose(grouped["within"][:3], [0.0, 0.0, 0.0], atol=1e-12)
+    assert np.isnan(grouped["within"][3]) and grouped["across"][3] == pytest.approx(np.sqrt(0.5))
+    matrix = domain_cosine_matrix(x, domains)
+    assert list(matrix.index) == ["bio", "geo", "hist"]
+    assert np.diag(matrix.values).min() > matrix.values[~np.eye(3, dtype=bool)].max()
+
+
+def test_probe_table_real_signal_vs_shuffled_labels():
+    x, domains = _clusters(n_per=60, spread=0.5)
+    noise = np.random.default_rng(1).standard_normal(x.shape)
+    rng = np.random.default_rng(2)
+    train = rng.random(len(x)) < 0.6
+    features = {"gradient": np.stack([x, x]), "noise": np.stack([noise, noise])}
+    table = probe_table(features, [3, 9], domains, train, ~train, n_boot=200)
+    acc = table.set_index(["features", "layer"])["accuracy"]
+    assert acc["gradient", 3] > 0.95 and acc["noise", 3] < 0.6 and acc["gradient (shuffled labels)", 9] < 0.6
+    assert (table["low"] <= table["accuracy"]).all() and (table["accuracy"] <= table["high"]).all()
+    assert table["majority"].between(0.2, 0.5).all()
+    with pytest.raises(GradsenseError):
+        probe_table(features, [3, 9], domains, np.zeros(len(x), bool), ~train)
+
+
+def test_lens_ranks_and_table():
+    unembed = torch.nn.Linear(4, 6, bias=False)
+    with torch.no_grad():
+        unembed.weight.copy_(torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1],
+                                           [-1, 0, 0, 0], [0.5, 0.5, 0, 0]], dtype=torch.float32))
+    vectors = np.array([[1.0, 0.2, 0, 0], [0, 0, 0, 2.0], [-1.0, 0, 0, 0]])
+    ranks = lens_ranks(vectors, np.array([[0, 4], [3, 0], [0, 4]]), lambda v: v, unembed, chunk=2)
+    np.testing.assert_array_equal(ranks, [[0, 5], [0, 1], [5, 0]])  # strictly larger logits
+    table = lens_table(ranks[:, 0][None], [5], ks=(1, 10), n_boot=50)
+    assert table.set_index("k")["hit"].to_dict() == pytest.approx({1: 2 / 3, 10: 1.0})
+
+
+def test_first_content_token_skips_bare_space(tiny):
+    _, tokenizer = tiny
+    token = first_content_token(tokenizer, " 1066")
+    assert tokenizer.decode([token]) == "1"
+    with pytest.raises(GradsenseError):
+        first_content_token(tokenizer, "   ")
+
+
+def test_gating_share_known_values():
+    acts = np.array([[5.0, 0.1, -4.0, 0.2]])
+    weights = np.array([[1.0, 1.0, 2.0, 0.0]])
+    np.testing.assert_allclose(gating_share(weights, acts, 2), [0.75])  # units 0 and 2 (|−4| counts as active)
+    np.testing.assert_allclose(gating_share(weights, acts, 4), [1.0])
+    rng = np.random.default_rng(0)
+    uniform = gating_share(np.ones((2, 500, 100)), rng.standard_normal((2, 500, 100)), 10)
+    np.testing.assert_allclose(uniform, 0.1)
+    with pytest.raises(GradsenseError):
+        gating_share(weights, acts, 5)
+    # Gradients concentrated on the active units: share far above uniform, and above a shuffled-prompt control.
+    acts = rng.standard_normal((1, 300, 200))
+    weights = acts**2 + 0.01
+    table = gating_table(weights, acts, [4], [0.05], control_acts=acts[:, ::-1], n_boot=50)
+    row = table.iloc[0]
+    assert row["k"] == 10 and row["uniform"] == 0.05 and row["share"] > 0.2 > row["control"]
+
+
+def test_cosine_table():
+    cos = np.array([[1.0, 1.0, 1.0], [-1.0, 0.0, 1.0]])
+    table = cosine_table(cos, [2, 5], n_boot=50)
+    assert table["mean"].tolist() == [1.0, 0.0] and table["layer"].tolist() == [2, 5]

@@ -1,0 +1,221 @@
+"""Teachers: the parseable head, determinism, the cache, a stub chat-completions server, and failures."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from gradsense.errors import GradsenseError
+from gradsense.teacher import (
+    NONE,
+    HFTeacher,
+    OpenAICompatibleTeacher,
+    TemplateTeacher,
+    as_record,
+    clean_token,
+    label_head,
+    label_records,
+    load_cache,
+    make_teacher,
+    parse_label,
+    record_key,
+)
+
+
+def record(**changes) -> dict:
+    """A shift record as the oracle stage builds it."""
+    base = {"id": "cf-1", "domain": "History", "prompt": "The Battle of Hastings was in", "to_token": "1",
+            "from_token": "Sept", "up_tokens": ["1", "the"], "down_tokens": ["Sept", "October"],
+            "dlogp_target": 2.5, "dlogp_source": -1.0, "kl": 0.3}
+    return as_record(base | changes)
+
+
+RECORDS = [
+    record(),
+    record(id="x", to_token="", from_token=""),
+    record(id="y", to_token=" New|York\n", from_token="  ", dlogp_target=0.01),
+    record(id="z", domain="geo graphy", to_token="Paris", dlogp_target=-3.0),
+]
+
+
+def test_template_is_deterministic():
+    labels = [TemplateTeacher().label(r) for r in RECORDS]
+    assert labels == [TemplateTeacher().label(r) for r in RECORDS]
+    assert labels[0] == ("domain: history | from: Sept | to: 1\n"
+                         "The update pushes this history answer away from Sept and towards 1.")
+
+
+def test_head_always_present_and_parses():
+    for r in RECORDS:
+        text = TemplateTeacher().label(r)
+        parsed = parse_label(text)
+        assert parsed["domain"] == r["domain"].strip().lower()
+        assert (parsed["from"], parsed["to"]) == (clean_token(r["from_token"]), clean_token(r["to_token"]))
+        assert len(text.splitlines()) == 2
+
+
+def test_unclear_shift_is_said():
+    assert "unclear" in TemplateTeacher().label(RECORDS[2])  # the target barely moved
+    assert "unclear" in TemplateTeacher().label(RECORDS[3])  # the target went down
+    assert "unclear" in TemplateTeacher().label(RECORDS[1])  # nothing was promoted
+    assert parse_label(TemplateTeacher().label(RECORDS[1]))["to"] == NONE
+
+
+def test_labels_use_observed_tokens_not_dataset_fields():
+    with pytest.raises(GradsenseError, match="lacks"):
+        as_record({"id": 1, "domain": "d", "target": "1066"})
+    assert "to: 1" in TemplateTeacher().label(RECORDS[0])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("domain: history | from: 1067 | to: 1066\nA sentence.", ("history", "1067", "1066")),
+        ("DOMAIN:Biology|FROM: liver|TO: heart", ("biology", "liver", "heart")),
+        ("Sure. domain: sport | from: soccer | to: tennis. The model now prefers tennis.", ("sport", "soccer", "tennis")),
+        ("domain: music | to: jazz", ("music", None, "jazz")),
+        ("domain: geography", ("geography", None, None)),
+        ("no head at all", (None, None, None)),
+        ("", (None, None, None)),
+        ("domain: geography | from: , | to: .", ("geography", ",", ".")),
+        ("domain: geography | from: Paris | to: New York\nThe capital moves.", ("geography", "Paris", "New York")),
+    ],
+)
+def test_parse_label_is_robust(text, expected):
+    parsed = parse_label(text)
+    assert (parsed["domain"], parsed["from"], parsed["to"]) == expected
+
+
+def test_label_head_cleans_tokens():
+    assert label_head("A B", "x|y", "\n") == f"domain: a b | from: x¦y | to: {NONE}"
+
+
+class Counting:
+    """A teacher that counts its calls and can be told to fail on an item."""
+
+    def __init__(self, fail_on=None, identity="counting"):
+        self.calls, self.fail_on, self.identity = 0, fail_on, identity
+
+    def label(self, r):
+        if r["id"] == self.fail_on:
+            raise GradsenseError("teacher endpoint http://127.0.0.1:1 failed: URLError")
+        self.calls += 1
+        return TemplateTeacher().label(r)
+
+
+def test_cache_reuses_labels(tmp_path):
+    cache = tmp_path / "labels.jsonl"
+    first = Counting()
+    labels = label_records(first, RECORDS, cache, progress=False)
+    again = Counting()
+    assert label_records(again, RECORDS, cache, progress=False) == labels
+    assert first.calls == len(RECORDS) and again.calls == 0
+    other = Counting(identity="other")
+    label_records(other, RECORDS[:1], cache, progress=False)
+    assert other.calls == 1 and len(load_cache(cache)) == len(RECORDS) + 1
+    assert record_key("a", RECORDS[0]) != record_key("a", RECORDS[1]) != record_key("b", RECORDS[1])
+
+
+def test_failing_teacher_keeps_cached_labels(tmp_path):
+    cache = tmp_path / "labels.jsonl"
+    label_records(Counting(), RECORDS[:1], cache, progress=False)
+    with pytest.raises(GradsenseError, match="item y.*cached labels kept"):
+        label_records(Counting(fail_on="y"), RECORDS, cache, progress=False)
+    kept = load_cache(cache)
+    assert [e["id"] for e in kept.values()] == ["cf-1", "x"]  # the old one and the one labelled before the failure
+    cache.write_text(cache.read_text() + '{"torn": ')  # a torn line is skipped, not fatal
+    assert len(load_cache(cache)) == 2
+
+
+def test_label_without_head_is_refused(tmp_path):
+    class Headless:
+        identity = "headless"
+
+        def label(self, r):
+            return "just words"
+
+    with pytest.raises(GradsenseError, match="without head"):
+        label_records(Headless(), RECORDS[:1], tmp_path / "c.jsonl", progress=False)
+
+
+@pytest.fixture
+def stub_server():
+    """A local chat-completions stub on 127.0.0.1; records requests; path /fail answers 500."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+            if self.path.startswith("/fail"):
+                self.send_response(500)
+                self.end_headers()
+                return
+            reply = "domain: wrong | from: a | to: b\nThe model now leans to 1 instead of Sept. Extra sentence."
+            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_teacher_against_stub(stub_server, monkeypatch, tmp_path):
+    url, seen = stub_server
+    monkeypatch.setenv("STUB_KEY", "secret")
+    teacher = OpenAICompatibleTeacher(url + "/v1", "stub-model", key_env="STUB_KEY", timeout=5)
+    text = teacher.label(RECORDS[0])
+    assert text == "domain: history | from: Sept | to: 1\nThe model now leans to 1 instead of Sept."
+    assert seen[0]["path"] == "/v1/chat/completions" and seen[0]["auth"] == "Bearer secret"
+    assert seen[0]["body"]["model"] == "stub-model" and "1066" not in json.dumps(seen[0]["body"])
+    labels = label_records(teacher, RECORDS[:2], tmp_path / "c.jsonl", progress=False)
+    assert all(parse_label(t)["domain"] == "history" for t in labels)
+
+
+def test_failing_endpoint_is_a_clear_error(stub_server, tmp_path):
+    url, _ = stub_server
+    cache = tmp_path / "c.jsonl"
+    label_records(TemplateTeacher(), RECORDS, cache, progress=False)
+    with pytest.raises(GradsenseError, match=r"item cf-1: teacher endpoint .*/fail failed"):
+        label_records(OpenAICompatibleTeacher(url + "/fail", "m", timeout=5), RECORDS, cache, progress=False)
+    assert len(load_cache(cache)) == len(RECORDS)
+    with pytest.raises(GradsenseError, match="failed"):
+        OpenAICompatibleTeacher("http://127.0.0.1:9", "m", timeout=2).label(RECORDS[0])
+
+
+def test_openai_teacher_needs_url_and_model(monkeypatch):
+    monkeypatch.delenv("GRADSENSE_TEACHER_URL", raising=False)
+    monkeypatch.delenv("GRADSENSE_TEACHER_MODEL", raising=False)
+    with pytest.raises(GradsenseError, match="URL"):
+        OpenAICompatibleTeacher()
+    with pytest.raises(GradsenseError, match="unknown teacher"):
+        make_teacher("oracle-of-delphi")
+
+
+def test_hf_teacher_enforces_head(tiny):
+    model, tok = tiny
+    teacher = HFTeacher("tiny", model=model, tokenizer=tok, max_new_tokens=6)
+    for r in RECORDS[:2]:
+        text = teacher.label(r)
+        assert text.splitlines()[0] == label_head(r["domain"], r["from_token"], r["to_token"])
+        assert parse_label(text)["domain"] == "history" and len(text.splitlines()) == 2
+
+
+@pytest.mark.integration
+def test_hf_teacher_smol_writes_a_sentence(smol):
+    model, tok = smol
+    text = HFTeacher("smol", model=model, tokenizer=tok, max_new_tokens=40).label(RECORDS[0])
+    head, sentence = text.split("\n")
+    assert parse_label(head) == {"domain": "history", "from": "Sept", "to": "1"}
+    assert len(sentence.split()) >= 3
