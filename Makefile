@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 NBTEST := build/nbtest
 
-.PHONY: venv data paper paper-ci test test-unit test-integration test-notebooks bench data-record lab clean
+.PHONY: venv data paper paper-ci test test-unit test-notebooks bench determinism data-record lab clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -46,6 +46,7 @@ test-notebooks: data  ## run every pipeline notebook in order with its default (
 
 bench: data  ## speed benchmarks (results/bench/*.json)
 	python benchmarks/bench_gradients.py
+	python benchmarks/bench_pipeline.py --ci --full
 
 data-record: venv  ## maintainers only: re-record data/ in data.dvc after changing sources/facts/
 	gradsense fetch-data || true
@@ -57,3 +58,8 @@ lab: venv  ## JupyterLab on the notebooks
 
 clean:
 	rm -rf build results figures .dvc/tmp
+
+determinism: data  ## the ci preset twice (nbval run + dvc run): every result table must be byte-identical
+	$(MAKE) --no-print-directory test-notebooks
+	$(MAKE) --no-print-directory paper-ci
+	python scripts/compare_results.py $(NBTEST)/results build/ci/results

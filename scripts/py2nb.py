@@ -20,6 +20,8 @@ def convert(source: str) -> nbformat.NotebookNode:
             if "parameters" in header:
                 cell.metadata["tags"] = ["parameters"]
             nb.cells.append(cell)
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i}"  # stable ids: re-converting an unchanged script gives an identical file
     return nb
 
 

@@ -21,6 +21,25 @@ def _fetch_data(args: argparse.Namespace) -> None:
     fetch_data(Path(args.root))
 
 
+def _describe(args: argparse.Namespace) -> None:
+    from gradsense.projector import describe, read_items, write_jsonl
+
+    control = "none" if args.no_inject else "noise" if args.noise else "shuffle" if args.shuffle else "gradient"
+    options = {"checkpoint": args.checkpoint, "control": control, "seed": args.seed, "device": args.device,
+               "max_new_tokens": args.max_new_tokens}
+    if args.input is not None:
+        if args.prompt is not None or args.output is None:
+            raise GradsenseError("give either --input FILE --output FILE, or --prompt P --right R")
+        records = describe(read_items(args.input), **options)
+        write_jsonl(records, args.output)
+        print(f"{len(records)} descriptions written to {args.output}")
+        return
+    if args.prompt is None or args.right is None:
+        raise GradsenseError("give either --input FILE --output FILE, or --prompt P --right R")
+    item = {"id": "prompt", "prompt": args.prompt, "right": args.right, "wrong": args.wrong, "context": args.context}
+    print(describe([item], **options)[0]["description"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `gradsense` command."""
     parser = argparse.ArgumentParser(prog="gradsense", description=__doc__)
@@ -35,6 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-data", help="rebuild data/ from its pinned sources and verify it against data.dvc")
     fetch.add_argument("--root", default=".", help="project root (default: current folder)")
     fetch.set_defaults(func=_fetch_data)
+
+    desc = sub.add_parser("describe", help="inject each item's gradient (target = right); say what pressure it feels")
+    desc.add_argument("--input", help="JSONL items {id, prompt, right, wrong?, context?}")
+    desc.add_argument("--output", help="JSONL output {id, description, domain, from, to} (with --input)")
+    desc.add_argument("--prompt", help="one item: the prompt")
+    desc.add_argument("--right", help="one item: the answer the gradient pushes towards")
+    desc.add_argument("--wrong", help="one item: the answer it pushes away from (optional, unused)")
+    desc.add_argument("--context", help="one item: a passage read before the question")
+    desc.add_argument("--checkpoint", default=None, help="trained projector folder (default: results/train/checkpoint)")
+    controls = desc.add_mutually_exclusive_group()
+    controls.add_argument("--no-inject", action="store_true", help="control: inject nothing")
+    controls.add_argument("--noise", action="store_true", help="control: Gaussian noise with each gradient's norm")
+    controls.add_argument("--shuffle", action="store_true", help="control: another item's gradient (needs ≥ 2 items)")
+    desc.add_argument("--seed", type=int, default=0, help="seed of the noise/shuffle controls")
+    desc.add_argument("--max-new-tokens", type=int, default=48)
+    desc.add_argument("--device", default="auto")
+    desc.set_defaults(func=_describe)
 
     return parser
 

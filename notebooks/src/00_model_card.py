@@ -1,0 +1,99 @@
+# %% [markdown]
+# # 00 · Model card
+# Loads the model under study, records its architecture, load time and peak memory, and checks how well it
+# answers a small set of fact prompts across domains (probability of the right answer, whether greedy decoding
+# gives it, and whether it beats a plausible wrong answer). Outputs: `results/model_card/`, `figures/model_card/`.
+
+# %% tags=["parameters"]
+seed = 0
+model_name = None
+device = "auto"
+max_facts = 12
+batch_size = 32
+
+# %%
+import resource
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+
+import gradsense
+from gradsense.models import architecture, data_dir, resolve_device
+from gradsense.report import save_figure, save_json, save_table
+from gradsense.scoring import score_targets
+from gradsense.seeding import seed_everything
+
+RESULTS, FIGURES = Path("../results/model_card"), Path("../figures/model_card")
+seed_everything(seed)
+
+# %%
+start = time.perf_counter()
+model, tokenizer = gradsense.load_model(model_name, device=device)
+load_s = time.perf_counter() - start
+card = architecture(model)
+card.update(
+    model=model_name or "SmolLM2-135M-Instruct (GGUF Q4_1, data/)",
+    device=str(resolve_device(device)),
+    load_s=round(load_s, 2),
+    peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+)
+save_json(card, RESULTS / "model_card.json")
+# Timings and memory vary run to run: they go to their own table so the architecture table is reproducible.
+volatile = ["load_s", "peak_rss_gb", "device"]
+as_rows = lambda d: pd.DataFrame([d]).T.reset_index().set_axis(["property", "value"], axis=1).astype(str)  # noqa: E731
+save_table(as_rows({k: v for k, v in card.items() if k not in volatile}), RESULTS, "architecture")
+save_table(as_rows({k: card[k] for k in volatile}), RESULTS, "resources")
+card
+
+# %%
+facts = pd.read_csv(data_dir() / "facts" / "probe_facts.csv")
+if max_facts is not None:  # an even, deterministic share of every domain
+    per_domain = -(-max_facts // facts["domain"].nunique())
+    facts = facts.groupby("domain", sort=True).head(per_domain).reset_index(drop=True)
+prompts = facts["prompt"].tolist()
+right = score_targets(model, tokenizer, prompts, [" " + a for a in facts["right"]], batch_size)
+wrong = score_targets(model, tokenizer, prompts, [" " + a for a in facts["wrong"]], batch_size)
+facts = facts.assign(
+    logp_right=right["logp"], logp_wrong=wrong["logp"], p_right=np.exp(right["logp"]),
+    greedy_right=right["greedy"], right_beats_wrong=right["logp"] > wrong["logp"], n_tokens_right=right["n_tokens"],
+)
+save_table(facts, RESULTS, "fact_answers")
+by_domain = (
+    facts.groupby("domain", sort=True)
+    .agg(n=("prompt", "size"), greedy_right=("greedy_right", "mean"), right_beats_wrong=("right_beats_wrong", "mean"),
+         median_p_right=("p_right", "median"))
+    .reset_index()
+)
+save_table(by_domain, RESULTS, "fact_accuracy")
+by_domain
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+sns.stripplot(data=facts, x="domain", y="p_right", hue="right_beats_wrong", ax=axes[0], size=6, jitter=0.15)
+axes[0].set(yscale="log", ylabel="p(right answer | prompt)", xlabel="", title="Probability of the right answer")
+axes[0].tick_params(axis="x", rotation=45)
+sns.barplot(data=by_domain.melt(id_vars="domain", value_vars=["greedy_right", "right_beats_wrong"]),
+            x="domain", y="value", hue="variable", ax=axes[1])
+axes[1].set(ylim=(0, 1), ylabel="share of facts", xlabel="", title="Greedy answer right / right beats wrong")
+axes[1].tick_params(axis="x", rotation=45)
+fig.tight_layout()
+save_figure(fig, FIGURES, "fact_answers")
+
+# %% [markdown]
+# ## Checks
+
+# %%
+assert card["n_layers"] > 0 and card["d_model"] > 0 and card["n_parameters"] > 0
+if model_name is None:
+    assert (card["n_layers"], card["d_model"], card["vocab_size"]) == (30, 576, 49152)
+    # The model knows most of these facts better than a plausible wrong answer (measured, not assumed).
+    assert facts["right_beats_wrong"].mean() > 0.5, facts["right_beats_wrong"].mean()
+assert facts["p_right"].between(0, 1).all() and len(facts) > 0
+for name in ("fact_answers.csv", "fact_answers.tex", "fact_accuracy.csv", "architecture.tex", "model_card.json"):
+    assert (RESULTS / name).is_file(), name
+assert (FIGURES / "fact_answers.png").is_file() and (FIGURES / "fact_answers.pdf").is_file()

@@ -1,0 +1,199 @@
+# %% [markdown]
+# # 04 · Train the describer
+# A projector maps each item's activation gradient g (output of block `source_layer`, last prompt position) to k
+# vectors that are added at the k placeholder tokens (" ?") of an interpretation prompt, at the output of block
+# `inject_layer`; the model (frozen, unless `lora_rank` > 0) is trained through the projector to say the oracle's
+# label for that gradient (`domain: … | from: … | to: …` + one sentence). A share `control_share` of every batch
+# gets norm-matched noise or no injection with the fixed "no pressure" label, and a share `context_share` of the
+# rows reads a neutral passage before the question, so that domain passages at evaluation are new.
+# Training uses the train split, the trained relation templates, and every domain but `heldout_domain`.
+# Inputs: `results/corrections/`, `results/gradients/`, `results/oracle/labels.jsonl`, `data/facts/contexts.csv`.
+# Outputs: `results/train/checkpoint/` (projector + metadata), the training curve, `figures/train/`.
+
+# %% tags=["parameters"]
+seed = 0
+model_name = None
+device = "auto"
+source_layer = None
+inject_layer = 15
+k = 4
+mode = "norm"
+kind = "linear"
+mlp_hidden = 1024
+lora_rank = 0
+steps = 6
+batch_size = 4
+lr = 0.004
+weight_decay = 0.0
+control_share = 0.25
+context_share = 0.75
+max_label_tokens = 16
+heldout_domain = "religion"
+val_items = 4
+eval_every = 4
+n_examples = 2
+
+# %%
+import json
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+import gradsense
+from gradsense.corrections import load_corrections
+from gradsense.gradients import load_gradients
+from gradsense.models import data_dir
+from gradsense.projector import (
+    DescriberConfig,
+    TrainConfig,
+    join_items,
+    load_describer,
+    read_contexts,
+    read_labels,
+    save_checkpoint,
+    source_layer_of,
+    train_projector,
+)
+from gradsense.report import save_figure, save_json, save_table
+from gradsense.seeding import seed_everything
+
+RESULTS, FIGURES = Path("../results/train"), Path("../figures/train")
+rng = seed_everything(seed)
+
+# %% [markdown]
+# ## Inputs
+# Items are the corrections rows that have a gradient and an oracle label. Validation: up to `val_items` items of
+# the validation split (trained templates and domains), spread over domains.
+
+# %%
+corrections = load_corrections("../results/corrections/corrections.csv")
+arrays = load_gradients("../results/gradients/gradients.npz")
+labels = read_labels("../results/oracle/labels.jsonl")
+contexts = read_contexts(data_dir() / "facts" / "contexts.csv")
+neutral = contexts.loc[contexts["pool"] == "neutral", "text"].tolist()
+layer = source_layer_of(arrays["layers"], source_layer)
+grads = arrays["grads"][arrays["layers"].index(layer)]
+items = join_items(corrections, arrays["ids"], labels).dropna(subset=["label"])
+usable = (items["template_split"] == "train") & (items["domain"] != heldout_domain)
+train_items = items[usable & (items["split"] == "train")]
+val_pool = items[usable & (items["split"] == "val")]
+val_set = (
+    val_pool.groupby("domain", sort=True).head(-(-val_items // max(val_pool["domain"].nunique(), 1))).head(val_items)
+)
+summary = pd.DataFrame(
+    {
+        "set": ["train", "validation"],
+        "items": [len(train_items), len(val_set)],
+        "domains": [train_items["domain"].nunique(), val_set["domain"].nunique()],
+    }
+)
+save_table(summary, RESULTS, "training_data")
+print(f"source layer {layer}, gradient width {grads.shape[1]}, {len(neutral)} neutral passages")
+summary
+
+# %% [markdown]
+# ## Train
+
+# %%
+model, tokenizer = gradsense.load_model(model_name, device=device)
+config = DescriberConfig(
+    source_layer=layer, inject_layer=inject_layer, k=k, mode=mode, kind=kind, mlp_hidden=mlp_hidden, lora_rank=lora_rank
+)
+train = TrainConfig(
+    steps=steps,
+    batch_size=batch_size,
+    lr=lr,
+    weight_decay=weight_decay,
+    control_share=control_share,
+    context_share=context_share,
+    max_label_tokens=max_label_tokens,
+    eval_every=eval_every,
+    seed=seed,
+)
+start = time.perf_counter()
+describer, curve = train_projector(
+    model,
+    tokenizer,
+    grads[train_items["row"].to_numpy()],
+    train_items["label"].tolist(),
+    config,
+    train,
+    neutral,
+    val=(grads[val_set["row"].to_numpy()], val_set["label"].tolist()),
+)
+train_s = time.perf_counter() - start
+save_checkpoint(
+    describer,
+    RESULTS / "checkpoint",
+    model_name=model_name,
+    extra={
+        "heldout_domain": heldout_domain,
+        "trained_domains": sorted(train_items["domain"].unique()),
+        "n_train_items": len(train_items),
+        "train_seconds": round(train_s, 1),
+    },
+)
+save_table(curve, RESULTS, "training_curve")
+timing = {
+    "train_seconds": train_s,
+    "seconds_per_step": float(curve["seconds"].median()),
+    "steps": steps,
+    "batch_size": batch_size,
+    "inject_layer": inject_layer,
+    "source_layer": layer,
+}
+save_json(timing, RESULTS / "timing.json")
+timing
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3.2))
+smooth = curve["loss"].rolling(max(1, steps // 20), min_periods=1).mean()
+sns.lineplot(x=curve["step"], y=curve["loss"], ax=ax, alpha=0.3, label="train (batch)")
+sns.lineplot(x=curve["step"], y=smooth, ax=ax, label="train (smoothed)")
+val_points = curve.dropna(subset=["val_loss"])
+sns.lineplot(x=val_points["step"], y=val_points["val_loss"], ax=ax, marker="o", label="validation")
+ax.set(
+    xlabel="step",
+    ylabel="label cross-entropy (nats/token)",
+    title=f"Describer training ({mode}, {kind}, J={inject_layer})",
+)
+fig.tight_layout()
+save_figure(fig, FIGURES, "training_curve")
+
+# %% [markdown]
+# ## A few validation descriptions (greedy, no context)
+
+# %%
+examples = val_set.head(n_examples)
+described = describer.describe_gradients(grads[examples["row"].to_numpy()], max_new_tokens=24)
+shown = pd.DataFrame(
+    {
+        "id": examples["id"].to_numpy(),
+        "teacher label": examples["label"].str.split("\n").str[0].to_numpy(),
+        "description": described["description"].to_numpy(),
+    }
+)
+save_table(shown, RESULTS, "examples")
+shown
+
+# %% [markdown]
+# ## Checks
+
+# %%
+meta = json.loads((RESULTS / "checkpoint" / "meta.json").read_text())
+assert (RESULTS / "checkpoint" / "projector.pt").is_file()
+assert meta["config"]["source_layer"] == layer and meta["config"]["inject_layer"] == inject_layer
+assert meta["fingerprint"]["d_model"] == grads.shape[1] == model.config.hidden_size
+reloaded = load_describer(RESULTS / "checkpoint", model, tokenizer)  # the checkpoint loads back for this model
+assert len(train_items) > 0 and heldout_domain not in set(train_items["domain"])
+assert set(train_items["split"]) == {"train"} and set(train_items["template_split"]) == {"train"}
+assert np.isfinite(curve["loss"]).all() and len(curve) == steps
+quarter = max(1, steps // 4)
+first, last = curve["loss"].iloc[:quarter].mean(), curve["loss"].iloc[-quarter:].mean()
+assert last < first, (first, last)  # training lowered the loss
+assert (FIGURES / "training_curve.png").is_file() and (RESULTS / "training_curve.csv").is_file()
+print(f"loss {first:.3f} → {last:.3f} (first/last quarter), {timing['seconds_per_step']:.2f} s/step")

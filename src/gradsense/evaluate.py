@@ -1,0 +1,328 @@
+"""Score a trained describer: held-out sets, controls, forced choice, and decoupling (context from domain A,
+gradient from domain B), with bootstrap confidence intervals (`gradsense.stats.bootstrap_ci`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from gradsense.errors import GradsenseError
+from gradsense.oracle import first_visible_token
+from gradsense.projector import Describer
+from gradsense.scoring import batches
+from gradsense.stats import bootstrap_ci
+from gradsense.teacher import parse_label
+
+NONE_DOMAIN = "none"
+
+
+# --------------------------------------------------------------------------------------------- evaluation sets
+
+
+def evaluation_sets(
+    corrections: pd.DataFrame, heldout_domain: str | None, max_items: int | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Row indices (into `corrections`) of each held-out set, each capped at `max_items` (seeded, stratified by
+    domain): `test subjects` (test split, trained templates and domains), `held-out templates` (test split, the
+    held-out template of each domain), `held-out domain` (every item of the domain left out of training)."""
+    c = corrections.reset_index(drop=True)
+    trained = c["domain"] != heldout_domain
+    sets = {
+        "test subjects": (c["split"] == "test") & (c["template_split"] == "train") & trained,
+        "held-out templates": (c["split"] == "test") & (c["template_split"] == "heldout") & trained,
+    }
+    if heldout_domain is not None:
+        sets["held-out domain"] = ~trained
+    return {
+        name: _cap(np.flatnonzero(mask.to_numpy()), c["domain"].to_numpy(), max_items, seed)
+        for name, mask in sets.items()
+    }
+
+
+def stratified(frame: pd.DataFrame, max_items: int | None, seed: int = 0) -> pd.DataFrame:
+    """At most `max_items` rows of `frame`, drawn round-robin over its domains in a seeded order (order kept)."""
+    frame = frame.reset_index(drop=True)
+    return frame.iloc[_cap(np.arange(len(frame)), frame["domain"].to_numpy(), max_items, seed)]
+
+
+def _cap(rows: np.ndarray, domains: np.ndarray, max_items: int | None, seed: int) -> np.ndarray:
+    """At most `max_items` rows, drawn round-robin over domains in a seeded order (kept in table order)."""
+    if max_items is None or len(rows) <= max_items:
+        return rows
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(rows)
+    rank = pd.Series(domains[shuffled]).groupby(domains[shuffled]).cumcount().to_numpy()
+    return np.sort(shuffled[np.argsort(rank, kind="stable")[:max_items]])
+
+
+# --------------------------------------------------------------------------------------------- per-item scores
+
+
+def answer_identified(to: str | None, answer: str) -> bool:
+    """The target answer's text appears in the parsed `to` field (case-insensitive)."""
+    return bool(to) and answer.strip().casefold() in str(to).casefold()
+
+
+def token_identified(to: str | None, answer: str, tokenizer) -> bool:
+    """The parsed `to` is the answer's first visible token (the granularity of the oracle's labels), or contains
+    the whole answer."""
+    if not to:
+        return False
+    first = first_visible_token(tokenizer, answer).casefold()
+    return str(to).strip().casefold() == first or answer_identified(to, answer)
+
+
+def teacher_to(label: str | None) -> str | None:
+    """The `to` token of a teacher label (None without a label)."""
+    return parse_label(label)["to"] if isinstance(label, str) else None
+
+
+def same_token(reported: str | None, expected: str | None) -> bool:
+    """Both present and equal up to case and surrounding space."""
+    return bool(reported) and bool(expected) and str(reported).strip().casefold() == str(expected).strip().casefold()
+
+
+def score_descriptions(described: pd.DataFrame, items: pd.DataFrame, tokenizer) -> pd.DataFrame:
+    """Per row (aligned with `items`): domain_ok, answer_ok (target text in `to`), token_ok (first target token
+    or whole target in `to`), pressure (a domain other than "none" is named: a false positive under the
+    no-injection and noise controls), parsed (a head was found), teacher_to_ok (`to` = the `to` of the item's teacher
+    label, the token the describer was trained to say; False when the item has no label)."""
+    if len(described) != len(items):
+        raise GradsenseError(f"{len(described)} descriptions for {len(items)} items")
+    items = items.reset_index(drop=True)
+    described = described.reset_index(drop=True)
+    labels = items["label"] if "label" in items else [None] * len(items)
+    return pd.DataFrame(
+        {
+            "id": items["id"],
+            "domain": items["domain"],
+            "target": items["target"],
+            "description": described["description"],
+            "reported_domain": described["domain"],
+            "reported_from": described["from"],
+            "reported_to": described["to"],
+            "parsed": described["domain"].notna(),
+            "domain_ok": described["domain"].fillna("").to_numpy() == items["domain"].to_numpy(),
+            "answer_ok": [answer_identified(t, a) for t, a in zip(described["to"], items["target"])],
+            "token_ok": [token_identified(t, a, tokenizer) for t, a in zip(described["to"], items["target"])],
+            "pressure": described["domain"].notna().to_numpy()
+            & (described["domain"].fillna("").to_numpy() != NONE_DOMAIN),
+            "teacher_to_ok": [same_token(t, teacher_to(label)) for t, label in zip(described["to"], labels)],
+        }
+    )
+
+
+def describe_items(
+    describer: Describer,
+    grads: np.ndarray,
+    items: pd.DataFrame,
+    control: str = "gradient",
+    contexts: Sequence[str | None] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Describe `items` (with a `row` column into `grads`) under a control and score each description against the
+    item whose gradient was injected (for "shuffle": another item); `id` names the item read, `source_id` the
+    injected one, `read_domain_ok` = the report names the read item's domain (with `contexts` = each item's own
+    prompt, the shuffle control asks whether the report follows the prompt it reads or the gradient it feels)."""
+    items = items.reset_index(drop=True)
+    described = describer.describe_gradients(
+        np.asarray(grads)[items["row"].to_numpy()], contexts, control, seed, batch_size, max_new_tokens, progress
+    )
+    injected = items.iloc[described["source_row"].to_numpy()].reset_index(drop=True)
+    scored = score_descriptions(described, injected, describer.tokenizer)
+    return scored.assign(
+        id=items["id"].to_numpy(),
+        source_id=injected["id"].to_numpy(),
+        control=control,
+        direction=injected["direction"].to_numpy(),
+        read_domain=items["domain"].to_numpy(),
+        read_domain_ok=scored["reported_domain"].fillna("").to_numpy() == items["domain"].to_numpy(),
+    )
+
+
+METRICS = {
+    "domain accuracy": "domain_ok",
+    "answer in 'to'": "answer_ok",
+    "answer token in 'to'": "token_ok",
+    "names a domain": "pressure",
+    "head parsed": "parsed",
+    "teacher's 'to' reproduced": "teacher_to_ok",
+}
+
+
+def heldout_table(scored: dict[tuple[str, str], pd.DataFrame], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Rates with bootstrap CIs per (evaluation set, control): every metric of `METRICS`. On the no-injection and
+    noise controls "names a domain" is the false-positive rate."""
+    rows = []
+    for (name, control), frame in scored.items():
+        values = {metric: frame[column].to_numpy() for metric, column in METRICS.items()}
+        if control == "shuffle":  # where the read item and the injected one differ in domain
+            differ = frame["domain"].to_numpy() != frame["read_domain"].to_numpy()
+            values["names the read item's domain"] = frame["read_domain_ok"].to_numpy()[differ]
+        rows += rate_rows(values, n_boot, seed, set=name, control=control)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------- rates
+
+
+def rate_rows(values: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0, **keys) -> list[dict]:
+    """One row per metric: estimate with its bootstrap 95% CI and n, plus the given key columns."""
+    rows = []
+    for metric, v in values.items():
+        v = np.asarray(v, dtype=float)
+        est, low, high = bootstrap_ci(v, n_boot=n_boot, seed=seed)
+        rows.append({**keys, "metric": metric, "estimate": est, "low": low, "high": high, "n": len(v)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- forced choice
+
+
+def choice_sets(
+    labels: Sequence[str], pool: Sequence[str] | None = None, n_choices: int = 10, seed: int = 0
+) -> list[list[str]]:
+    """Per item: its own label first, then `n_choices − 1` distinct labels from `pool` (default: the items' labels)
+    that differ from it, drawn in a seeded order; too few distinct labels is an error."""
+    labels = list(labels)
+    pool = list(dict.fromkeys(labels if pool is None else pool))  # distinct, first-seen order
+    rng = np.random.default_rng(seed)
+    sets = []
+    for own in labels:
+        others = [pool[j] for j in rng.permutation(len(pool)) if pool[j] != own][: n_choices - 1]
+        if len(others) < n_choices - 1:
+            raise GradsenseError(
+                f"forced choice needs {n_choices - 1} other distinct labels, only {len(others)} available"
+            )
+        sets.append([own, *others])
+    return sets
+
+
+def forced_choice(
+    describer: Describer,
+    grads: np.ndarray,
+    labels: Sequence[str],
+    pool: Sequence[str] | None = None,
+    n_choices: int = 10,
+    control: str = "gradient",
+    seed: int = 0,
+    batch_size: int = 16,
+    max_label_tokens: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Per item: the rank (0 = best) of its own label among `n_choices` candidates (its own + others from `pool`),
+    by the mean per-token log-likelihood under the item's injection (no context); `correct` = rank 0 (chance
+    1/n_choices). Ties count against the item's own label."""
+    sets = choice_sets(labels, pool, n_choices, seed)
+    grads_t = torch.as_tensor(np.asarray(grads), dtype=torch.float32)
+    rows_item = np.repeat(np.arange(len(sets)), n_choices)
+    texts = [text for choice in sets for text in choice]
+    scores = np.zeros(len(texts))
+    rng = np.random.default_rng(seed)
+    for part in tqdm(list(batches(len(texts), batch_size)), desc=f"forced choice ({control})", disable=not progress):
+        with torch.no_grad():
+            vectors = describer.vectors(grads_t[torch.as_tensor(rows_item[part])], control, rng)
+        scores[part] = describer.label_logprobs(vectors, [None] * len(texts[part]), texts[part], max_label_tokens)
+    scores = scores.reshape(len(sets), n_choices)
+    rank = (scores[:, 1:] >= scores[:, :1]).sum(1)
+    return pd.DataFrame(
+        {"rank": rank, "correct": rank == 0, "score_own": scores[:, 0], "score_best_other": scores[:, 1:].max(1)}
+    )
+
+
+# --------------------------------------------------------------------------------------------- decoupling
+
+
+def decoupling_plan(
+    items: pd.DataFrame,
+    passages: pd.DataFrame,
+    per_pair: int = 2,
+    domains: Sequence[str] | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Rows (item row, gradient domain B, context domain A ≠ B, passage) for every ordered pair of domains: for each
+    pair, `per_pair` items of domain B (seeded) each read inside a passage of domain A. `items` must have a `row`
+    column (its index in the gradient array); `passages` has `domain` and `text`."""
+    rng = np.random.default_rng(seed)
+    grad_domains = sorted(set(items["domain"]) if domains is None else set(domains) & set(items["domain"]))
+    ctx_domains = sorted(set(passages["domain"]) if domains is None else set(domains) & set(passages["domain"]))
+    if not grad_domains or not ctx_domains:
+        raise GradsenseError(f"decoupling needs items and passages of the domains {list(domains or [])}")
+    plan = []
+    for b in grad_domains:
+        rows_b = items.loc[items["domain"] == b, "row"].to_numpy()
+        for a in ctx_domains:
+            if a == b:
+                continue
+            texts = passages.loc[passages["domain"] == a, "text"].to_numpy()
+            for r in rng.choice(rows_b, size=min(per_pair, len(rows_b)), replace=False):
+                plan.append(
+                    {"row": int(r), "gradient_domain": b, "context_domain": a, "context": str(rng.choice(texts))}
+                )
+    return pd.DataFrame(plan)
+
+
+def decoupling(
+    describer: Describer,
+    grads: np.ndarray,
+    plan: pd.DataFrame,
+    items: pd.DataFrame,
+    tokenizer,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Describe each planned (gradient, context) pair; success = reports the gradient's domain B, leakage = reports
+    the context's domain A; answer_ok as in `score_descriptions`."""
+    described = describer.describe_gradients(
+        np.asarray(grads)[plan["row"].to_numpy()],
+        plan["context"].tolist(),
+        "gradient",
+        seed,
+        batch_size,
+        max_new_tokens,
+        progress,
+    )
+    by_row = items.set_index("row")
+    targets = by_row.loc[plan["row"], "target"].to_numpy()
+    reported = described["domain"].fillna("").to_numpy()
+    return plan.assign(
+        id=by_row.loc[plan["row"], "id"].to_numpy(),
+        target=targets,
+        description=described["description"].to_numpy(),
+        reported_domain=described["domain"].to_numpy(),
+        reported_to=described["to"].to_numpy(),
+        success=reported == plan["gradient_domain"].to_numpy(),
+        leakage=reported == plan["context_domain"].to_numpy(),
+        answer_ok=[answer_identified(t, a) for t, a in zip(described["to"], targets)],
+        token_ok=[token_identified(t, a, tokenizer) for t, a in zip(described["to"], targets)],
+    )
+
+
+def decoupling_matrix(results: pd.DataFrame, value: str = "success") -> pd.DataFrame:
+    """Mean of `value` per (context domain A: rows, gradient domain B: columns); the diagonal is empty."""
+    return (
+        results.pivot_table(index="context_domain", columns="gradient_domain", values=value, aggfunc="mean")
+        .sort_index()
+        .sort_index(axis=1)
+    )
+
+
+def confusion(true: Sequence[str], reported: Sequence[str | None], domains: Sequence[str]) -> pd.DataFrame:
+    """Row-normalised confusion matrix: true domain (rows) × reported domain (columns: `domains`, "none", "other")."""
+    columns = list(domains) + [NONE_DOMAIN, "other"]
+    known = set(domains) | {NONE_DOMAIN}
+    rep = [r if r in known else "other" for r in reported]
+    table = pd.crosstab(
+        pd.Categorical(list(true), categories=list(domains)), pd.Categorical(rep, categories=columns), dropna=False
+    )
+    table.index.name, table.columns.name = "true domain", "reported domain"
+    return table.div(table.sum(axis=1).replace(0, np.nan), axis=0)
