@@ -57,3 +57,19 @@ def test_inject_adds_only_at_positions(tiny, no_leak):
     diff[0, 1] = 0
     diff[1, 2] = 0
     assert diff.abs().max() < 1e-6
+
+
+def test_inject_norm_match_scales_to_the_residual(tiny, no_leak):
+    model, _ = tiny
+    ids = torch.tensor([[3, 4, 5, 6]])
+    vectors = torch.stack([torch.randn(model.config.hidden_size) * 100, torch.zeros(model.config.hidden_size)])[None]
+    positions = torch.tensor([[1, 2]])
+    clean, injected = {}, {}
+    with capture(model, [2], clean):
+        model(ids)
+    with inject(model, 2, positions, vectors, norm_match=True), capture(model, [2], injected):
+        model(ids)
+    delta = injected[2] - clean[2]
+    assert torch.allclose(delta[0, 1].norm(), clean[2][0, 1].norm(), rtol=1e-4)  # direction kept, norm of residual
+    assert torch.allclose(delta[0, 1] / delta[0, 1].norm(), vectors[0, 0] / vectors[0, 0].norm(), atol=1e-5)
+    assert delta[0, 2].abs().max() == 0  # a zero vector stays zero

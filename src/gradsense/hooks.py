@@ -64,19 +64,28 @@ def capture(model: nn.Module, layers: Sequence[int], store: dict[int, torch.Tens
 
 
 @contextmanager
-def inject(model: nn.Module, layer: int, positions: torch.Tensor, vectors: torch.Tensor) -> Iterator[None]:
+def inject(
+    model: nn.Module, layer: int, positions: torch.Tensor, vectors: torch.Tensor, norm_match: bool = False
+) -> Iterator[None]:
     """Add `vectors[b, j]` to the output of block `layer` at sequence position `positions[b, j]` of batch row b.
 
-    positions: (batch, k) long; vectors: (batch, k, d). Applied only on the full-sequence pass (not cached decode
-    steps), so generation with a KV cache keeps the injection in the cache and adds it once.
+    positions: (batch, k) long; vectors: (batch, k, d). `norm_match` rescales each vector to the norm of the residual
+    it is added to (as Activation Oracles do), so only its direction carries information; a zero vector stays zero.
+    Applied only on the full-sequence pass (not cached decode steps), so generation with a KV cache keeps the
+    injection in the cache and adds it once.
     """
 
     def add(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[1] <= int(positions.max()):
             return hidden  # a cached decoding step: the injected positions are already in the cache
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(positions)
+        pos = positions.to(hidden.device)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(pos)
+        vec = vectors.to(hidden.device, hidden.dtype)
+        if norm_match:
+            scale = hidden[rows, pos].detach().norm(dim=-1, keepdim=True)
+            vec = vec / vec.norm(dim=-1, keepdim=True).clamp_min(1e-12) * scale
         delta = torch.zeros_like(hidden)
-        delta[rows, positions.to(hidden.device)] = vectors.to(hidden.dtype).to(hidden.device)
+        delta[rows, pos] = vec
         return hidden + delta
 
     with edit_block_output(model, layer, add):

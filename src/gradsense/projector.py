@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradsense.errors import GradsenseError
-from gradsense.hooks import capture, edit_block_output, inject
+from gradsense.hooks import capture, inject
 from gradsense.models import REPO_ROOT, architecture, check_layer, model_device
 from gradsense.scoring import Batch, batches, target_text
 from gradsense.teacher import label_head, parse_label
@@ -198,24 +198,7 @@ def injecting(
     if vectors is None:
         yield
         return
-    if mode == "raw":
-        with inject(model, layer, positions, vectors):
-            yield
-        return
-
-    def add(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[1] <= int(positions.max()):
-            return hidden  # a cached decoding step: the slots are already in the cache
-        pos = positions.to(hidden.device)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(pos)
-        scale = hidden[rows, pos].detach().norm(dim=-1, keepdim=True)
-        vec = vectors.to(hidden.device, hidden.dtype)
-        unit = vec / vec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        delta = torch.zeros_like(hidden)
-        delta[rows, pos] = unit * scale
-        return hidden + delta
-
-    with edit_block_output(model, layer, add):
+    with inject(model, layer, positions, vectors, norm_match=mode == "norm"):
         yield
 
 
