@@ -325,14 +325,14 @@ class Describer:
             return self.projector(grads)
         raise GradsenseError(f"unknown control {control!r} (choose from gradient, none, noise)")
 
-    def loss(
+    def _label_logits(
         self,
         vectors: torch.Tensor | None,
         contexts: Sequence[str | None],
         labels: Sequence[str],
-        max_label_tokens: int | None = None,
-    ) -> torch.Tensor:
-        """Mean cross-entropy of the label tokens given the injection (logits computed only at label positions)."""
+        max_label_tokens: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and label ids at the label positions only (the last `keep` positions), under the injection."""
         batch, positions = encode_interpretations(self.tokenizer, self.config, contexts, labels, max_label_tokens)
         batch = batch.to(self.device)
         keep = int((batch.labels != -100).sum(-1).max()) + 1
@@ -344,8 +344,18 @@ class Describer:
                 use_cache=False,
                 logits_to_keep=keep,
             ).logits
-        labels_kept = batch.labels[:, -keep:]
-        return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels_kept.flatten(), ignore_index=-100)
+        return logits.float(), batch.labels[:, -keep:]
+
+    def loss(
+        self,
+        vectors: torch.Tensor | None,
+        contexts: Sequence[str | None],
+        labels: Sequence[str],
+        max_label_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """Mean cross-entropy of the label tokens given the injection (logits computed only at label positions)."""
+        logits, labels_kept = self._label_logits(vectors, contexts, labels, max_label_tokens)
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels_kept.flatten(), ignore_index=-100)
 
     @torch.no_grad()
     def label_logprobs(
@@ -356,19 +366,8 @@ class Describer:
         max_label_tokens: int | None = None,
     ) -> np.ndarray:
         """Per row: mean log p(label token) under the injection (length-normalised, for forced choice)."""
-        batch, positions = encode_interpretations(self.tokenizer, self.config, contexts, labels, max_label_tokens)
-        batch = batch.to(self.device)
-        keep = int((batch.labels != -100).sum(-1).max()) + 1
-        with injecting(self.model, self.config.inject_layer, positions, vectors, self.config.mode):
-            logits = self.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-                logits_to_keep=keep,
-            ).logits
-        labels_kept = batch.labels[:, -keep:]
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, labels_kept.clamp(min=0)[..., None])[..., 0]
+        logits, labels_kept = self._label_logits(vectors, contexts, labels, max_label_tokens)
+        logp = torch.log_softmax(logits, -1).gather(-1, labels_kept.clamp(min=0)[..., None])[..., 0]
         mask = labels_kept != -100
         return ((logp * mask).sum(-1) / mask.sum(-1)).cpu().numpy().astype(np.float64)
 
