@@ -838,7 +838,8 @@ def describe(
     table = describer.describe_gradients(
         grads, [it.get("context") for it in items], control, seed, batch_size, max_new_tokens
     )
-    rows = table[["description", "domain", "from", "to"]].to_dict("records")
+    # Unparsed fields are null (pandas turns None into NaN, which is not valid JSON).
+    rows = table[["description", "domain", "from", "to"]].astype(object).where(table.notna(), None).to_dict("records")
     return [{"id": item["id"], **row} for item, row in zip(items, rows)]
 
 
@@ -848,6 +849,6 @@ def write_jsonl(records: Sequence[Mapping], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False) as tmp:
         for record in records:
-            tmp.write(json.dumps(record, ensure_ascii=False) + "\n")
+            tmp.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
     Path(tmp.name).replace(path)
     return path
