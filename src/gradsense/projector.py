@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from gradsense.errors import GradsenseError
 from gradsense.hooks import capture, inject
 from gradsense.models import REPO_ROOT, architecture, check_layer, model_device
-from gradsense.scoring import Batch, batches, target_text
+from gradsense.scoring import Batch, batches, pad_batch, target_text
 from gradsense.teacher import label_head, parse_label
 
 SYSTEM = "You sense training pressure."
@@ -163,23 +163,8 @@ def encode_interpretations(
         rows.append(ids + label_ids)
         prompt_lens.append(len(ids))
         slot_offsets.append(slots)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    targets = torch.full((len(rows), width), -100, dtype=torch.long)
-    last_prompt = torch.zeros(len(rows), dtype=torch.long)
-    positions = torch.zeros((len(rows), config.k), dtype=torch.long)
-    for i, row in enumerate(rows):
-        start = width - len(row)
-        input_ids[i, start:] = torch.tensor(row)
-        mask[i, start:] = 1
-        last_prompt[i] = start + prompt_lens[i] - 1
-        positions[i] = torch.tensor(slot_offsets[i]) + start
-        n_label = len(row) - prompt_lens[i]
-        targets[i, last_prompt[i] : last_prompt[i] + n_label] = torch.tensor(row[prompt_lens[i] :])
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(input_ids, mask, position_ids, last_prompt, targets), positions
+    batch, starts = pad_batch(tokenizer, rows, prompt_lens, "left")
+    return batch, torch.tensor(slot_offsets, dtype=torch.long).reshape(len(rows), config.k) + starts[:, None]
 
 
 # --------------------------------------------------------------------------------------------- the injection

@@ -61,29 +61,38 @@ def encode(
     if padding_side not in ("left", "right"):
         raise GradsenseError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     names = list(ids) if ids is not None else list(range(len(prompts)))
-    rows, prompt_lens, target_lens = [], [], []
+    rows, prompt_lens = [], []
     for i, prompt in enumerate(prompts):
         p = tokenize_prompt(tokenizer, prompt, names[i])
         t = tokenize_target(tokenizer, targets[i], names[i]) if targets is not None else []
         rows.append(p + t)
         prompt_lens.append(len(p))
-        target_lens.append(len(t))
+    return pad_batch(tokenizer, rows, prompt_lens, padding_side)[0]
+
+
+def pad_batch(
+    tokenizer, rows: Sequence[list[int]], prompt_lens: Sequence[int], padding_side: str = "left"
+) -> tuple[Batch, torch.Tensor]:
+    """Pad token rows (prompt then target ids) into a Batch; also returns each row's start column (B,)."""
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     last_prompt = torch.zeros(len(rows), dtype=torch.long)
+    starts = torch.zeros(len(rows), dtype=torch.long)
     for i, row in enumerate(rows):
         start = width - len(row) if padding_side == "left" else 0
+        starts[i] = start
         input_ids[i, start : start + len(row)] = torch.tensor(row)
         mask[i, start : start + len(row)] = 1
         last_prompt[i] = start + prompt_lens[i] - 1
         # position j predicts token j+1: the target tokens are predicted from last_prompt .. last_prompt+len(t)-1
-        for k in range(target_lens[i]):
-            labels[i, last_prompt[i] + k] = row[prompt_lens[i] + k]
+        n_target = len(row) - prompt_lens[i]
+        if n_target:
+            labels[i, last_prompt[i] : last_prompt[i] + n_target] = torch.tensor(row[prompt_lens[i] :])
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(input_ids, mask, position_ids, last_prompt, labels)
+    return Batch(input_ids, mask, position_ids, last_prompt, labels), starts
 
 
 def batches(n: int, batch_size: int) -> Iterator[slice]:
