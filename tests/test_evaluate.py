@@ -148,3 +148,50 @@ def test_confusion_rows_are_distributions():
     assert list(table.columns) == ["a", "b", "none", "other"]
     np.testing.assert_allclose(table.sum(axis=1), 1.0)
     assert table.loc["b", "other"] == 1.0
+
+
+def test_replay_plan_and_core_evaluation(describer, tiny):
+    """A stored decoupling plan replays onto the same items by id; the core evaluation scores test items and pairs
+    under a control; its rates carry CIs; shuffle is refused for decoupling."""
+    _, tok = tiny
+    table = items(2)
+    passages = pd.DataFrame({"domain": ["biology", "history", "sport"], "text": ["cell.", "war.", "goal."]})
+    plan = ev.decoupling_plan(table, passages, per_pair=2, seed=0)
+    stored = ev.decoupling(describer, grads(len(table)), plan, table, tok, max_new_tokens=0)
+    replayed = ev.replay_plan(stored, table.iloc[::-1].reset_index(drop=True))
+    assert replayed[["row", "gradient_domain", "context_domain", "context"]].equals(
+        plan[["row", "gradient_domain", "context_domain", "context"]]
+    )
+    one = ev.replay_plan(stored, table, per_pair=1)
+    assert len(one) == 6 and not one.duplicated(["context_domain", "gradient_domain"]).any()
+    with pytest.raises(GradsenseError, match="without a gradient"):
+        ev.replay_plan(stored, table.iloc[1:])
+    test = table.iloc[:3]
+    scored, decoupled = ev.core_evaluation(describer, grads(len(table)), table, test, one, "none")
+    assert len(scored) == 3 and len(decoupled) == 6 and set(scored["control"]) == {"none"}
+    rates = pd.DataFrame(ev.core_rates(scored, decoupled, n_boot=50, condition="x", group="g"))
+    assert list(rates["metric"]) == [*ev.CORE_TEST, *ev.CORE_DECOUPLING]
+    assert rates.loc[rates["metric"] == "decoupling success", "estimate"].iloc[0] == decoupled["success"].mean()
+    assert (rates["low"] <= rates["estimate"]).all() and (rates["estimate"] <= rates["high"]).all()
+    with pytest.raises(GradsenseError, match="decoupling control"):
+        ev.decoupling(describer, grads(len(table)), one, table, tok, control="shuffle")
+
+
+def test_main_table_is_wide_with_na_for_missing_metrics():
+    rows = ev.rate_rows({"domain accuracy": [1, 0], "decoupling success": [1, 1]}, 20, condition="a", group="g")
+    rows += ev.rate_rows({"answer token in 'to'": [0, 0, 1]}, 20, condition="lens", group="controls")
+    table = ev.main_table(pd.DataFrame(rows))
+    assert list(table["condition"]) == ["a", "lens"]
+    assert table.loc[0, "domain accuracy"].startswith("0.50 [") and table.loc[1, "domain accuracy"] == "n/a"
+    assert list(table.columns) == ["group", "condition", "domain accuracy", "answer token in 'to'", "decoupling success"]
+
+
+def test_text_only_passage_states_the_fact_after_labelled_examples():
+    train = items(3).assign(prompt=lambda t: "Fact about " + t["id"] + " is")
+    examples = ev.text_examples(train, per_domain=1, seed=0)
+    assert sorted(examples["domain"]) == ["biology", "history", "sport"]
+    assert examples.equals(ev.text_examples(train, per_domain=1, seed=0))
+    passage = ev.text_only_passage(examples, "The capital of France is", " Paris")
+    lines = passage.splitlines()
+    assert lines[-1] == "Fact: The capital of France is Paris" and len(lines) == 1 + 2 * 3 + 1
+    assert all(line.startswith("Pressure: domain: ") for line in lines[2:-1:2])

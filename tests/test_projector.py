@@ -1,8 +1,11 @@
 """The describer on the tiny Llama: prompt slots, injection, projector, training, checkpoints, parsing, items."""
 
 import json
+import re
+from dataclasses import asdict
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -10,6 +13,8 @@ from gradsense.errors import GradsenseError
 from gradsense.hooks import capture
 from gradsense.models import tiny_llama
 from gradsense.projector import (
+    FIELD_LEADS,
+    FIELD_TOKENS,
     Describer,
     DescriberConfig,
     Projector,
@@ -195,6 +200,8 @@ def test_lora_trains_saves_and_switches_off(tmp_path):
     train = TrainConfig(steps=12, batch_size=4, lr=2e-2, control_share=0.0, context_share=0.0)
     d, curve = train_projector(model, tok, grads(4), LABELS[:4], config(lora_rank=2), train, progress=False)
     assert curve["loss"].iloc[-3:].mean() < curve["loss"].iloc[:3].mean()
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_" in name}
+    assert adapted == {str(d.config.inject_layer + i) for i in range(4 - d.config.inject_layer)}  # blocks J… only
     save_checkpoint(d, tmp_path / "ckpt", model_name="tiny")
     fresh, fresh_tok = tiny_llama(seed=0)
     loaded = load_describer(tmp_path / "ckpt", fresh, fresh_tok)
@@ -317,3 +324,60 @@ def test_smol_describer_trains_saves_and_describes(smol, tmp_path):
     assert [r["id"] for r in out] == ["fr", "hastings"] and all(
         set(r) == {"id", "description", "domain", "from", "to"} for r in out
     )
+
+
+def test_structured_decoding_always_yields_a_parsed_head():
+    """Structured decoding gives the field names and lets the model say each value: every field parses, each value
+    is greedy (the same tokens as free decoding after the same prefix) and the sentence budget is respected."""
+    from gradsense.teacher import parse_label
+
+    model, tok = tiny_llama(seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    d = describer(model, tok)
+    vectors = d.projector(torch.as_tensor(grads(3))).detach()
+    contexts = [None, "A passage.", None]
+    heads = d.generate(vectors, contexts, max_new_tokens=0)
+    for head in heads:  # every value the model said is the parsed field (an empty value parses as None)
+        said = re.fullmatch(r"domain:(.*) \| from:(.*) \| to:(.*)", head, re.S).groups()
+        expected = [v.strip() or None for v in said]
+        expected[0] = expected[0].lower() if expected[0] else None
+        assert [parse_label(head)[k] for k in ("domain", "from", "to")] == expected or "|" in "".join(said), head
+    assert all(h.startswith("domain:") and " | from:" in h and " | to:" in h and "\n" not in h for h in heads)
+    said = [[] for _ in contexts]  # the reference: each field with HF generate after the head so far
+    for lead in FIELD_LEADS:
+        said = [row + tok(lead, add_special_tokens=False)["input_ids"] for row in said]
+        values = d.generate_ids(vectors, contexts, FIELD_TOKENS, said, d.field_stops(), min_new_tokens=1)
+        said = [row + value for row, value in zip(said, values)]
+    assert [tok.decode(row, skip_special_tokens=True).strip() for row in said] == heads
+    with_sentence = d.generate(vectors, contexts, max_new_tokens=5)
+    assert [s.split("\n")[0] for s in with_sentence] == heads
+
+
+def test_training_items_variant_configs_and_untrained_projector(tiny):
+    from gradsense.projector import training_items, untrained_describer, variant_configs
+
+    table = pd.DataFrame(
+        {
+            "id": list("abcdef"),
+            "domain": ["x", "x", "y", "y", "held", "x"],
+            "split": ["train", "val", "train", "train", "train", "train"],
+            "template_split": ["train", "train", "train", "heldout", "train", "train"],
+            "label": ["l", "l", "l", "l", "l", None],
+        }
+    )
+    train, val = training_items(table, "held")
+    assert list(train["id"]) == ["a", "c"] and list(val["id"]) == ["b"]
+    meta = {"config": asdict(config()), "train": asdict(TrainConfig(steps=7))}
+    cfg, tr = variant_configs(meta, {"mode": "raw", "seed": 3})
+    assert cfg.mode == "raw" and tr.seed == 3 and tr.steps == 7 and cfg.k == config().k
+    with pytest.raises(GradsenseError, match="unknown describer setting 'colour'"):
+        variant_configs(meta, {"colour": "red"})
+    model, tok = tiny
+    d = describer(model, tok)
+    fresh = untrained_describer(d, seed=1)
+    assert fresh.model is d.model and fresh.config == d.config
+    assert not torch.equal(fresh.projector.net.weight, d.projector.net.weight)
+    assert torch.equal(fresh.projector.net.weight, untrained_describer(d, seed=1).projector.net.weight)

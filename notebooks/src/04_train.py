@@ -5,7 +5,9 @@
 # `inject_layer`; the model (frozen, unless `lora_rank` > 0) is trained through the projector to say the oracle's
 # label for that gradient (`domain: … | from: … | to: …` + one sentence). A share `control_share` of every batch
 # gets norm-matched noise or no injection with the fixed "no pressure" label, and a share `context_share` of the
-# rows reads a neutral passage before the question, so that domain passages at evaluation are new.
+# rows reads a neutral passage before the question, so that domain passages at evaluation are new. `precision: bf16`
+# runs the describer's forward passes under bfloat16 autocast (about 2× faster on this CPU's AMX units; the
+# gradients it reads are float32).
 # Training uses the train split, the trained relation templates, and every domain but `heldout_domain`.
 # Inputs: `results/corrections/`, `results/gradients/`, `results/oracle/labels.jsonl`, `data/facts/contexts.csv`.
 # Outputs: `results/train/checkpoint/` (projector + metadata), the training curve, `figures/train/`.
@@ -21,6 +23,7 @@ mode = "norm"
 kind = "linear"
 mlp_hidden = 1024
 lora_rank = 0
+precision = "bf16"
 steps = 6
 batch_size = 4
 lr = 0.004
@@ -57,6 +60,7 @@ from gradsense.projector import (
     save_checkpoint,
     source_layer_of,
     train_projector,
+    training_items,
 )
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.seeding import seed_everything
@@ -77,10 +81,8 @@ contexts = read_contexts(data_dir() / "facts" / "contexts.csv")
 neutral = contexts.loc[contexts["pool"] == "neutral", "text"].tolist()
 layer = source_layer_of(arrays["layers"], source_layer)
 grads = arrays["grads"][arrays["layers"].index(layer)]
-items = join_items(corrections, arrays["ids"], labels).dropna(subset=["label"])
-usable = (items["template_split"] == "train") & (items["domain"] != heldout_domain)
-train_items = items[usable & (items["split"] == "train")]
-val_pool = items[usable & (items["split"] == "val")]
+items = join_items(corrections, arrays["ids"], labels)
+train_items, val_pool = training_items(items, heldout_domain)
 val_set = (
     val_pool.groupby("domain", sort=True).head(-(-val_items // max(val_pool["domain"].nunique(), 1))).head(val_items)
 )
@@ -101,7 +103,14 @@ summary
 # %%
 model, tokenizer = gradsense.load_model(model_name, device=device)
 config = DescriberConfig(
-    source_layer=layer, inject_layer=inject_layer, k=k, mode=mode, kind=kind, mlp_hidden=mlp_hidden, lora_rank=lora_rank
+    source_layer=layer,
+    inject_layer=inject_layer,
+    k=k,
+    mode=mode,
+    kind=kind,
+    mlp_hidden=mlp_hidden,
+    lora_rank=lora_rank,
+    precision=precision,
 )
 train = TrainConfig(
     steps=steps,

@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 05 · Evaluate the describer
 # The trained describer (`results/train/checkpoint`) reads gradients it never saw and says what pressure it feels
-# (greedy, at most `max_new_tokens` tokens; the head `domain: … | from: … | to: …` is parsed).
+# by structured greedy decoding: the head's field names `domain: … | from: … | to: …` are given and the model says
+# each value (the labels' format; every head parses), then `max_new_tokens` tokens of free sentence (0: none).
 #
 # - **Held-out sets**: new subjects (test split), held-out relation templates (test split), and the domain left out
 #   of training (`heldout_domain` in the checkpoint).
@@ -31,7 +32,7 @@ decoupling_per_pair = 1
 seed_case_items = 2
 decoupling_domains = ["biology", "history"]
 batch_size = 16
-max_new_tokens = 16
+max_new_tokens = 0
 n_boot = 200
 
 # %%

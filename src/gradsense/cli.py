@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     controls.add_argument("--noise", action="store_true", help="control: Gaussian noise with each gradient's norm")
     controls.add_argument("--shuffle", action="store_true", help="control: another item's gradient (needs ≥ 2 items)")
     desc.add_argument("--seed", type=int, default=0, help="seed of the noise/shuffle controls")
-    desc.add_argument("--max-new-tokens", type=int, default=48)
+    desc.add_argument("--max-new-tokens", type=int, default=32, help="tokens of the one-line sentence after the head")
     desc.add_argument("--device", default="auto")
     desc.set_defaults(func=_describe)
 

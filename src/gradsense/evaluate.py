@@ -269,6 +269,19 @@ def decoupling_plan(
     return pd.DataFrame(plan)
 
 
+def replay_plan(decoupled: pd.DataFrame, items: pd.DataFrame, per_pair: int | None = None) -> pd.DataFrame:
+    """The decoupling plan of an earlier evaluation (its `decoupling_items` table: item id, domains, passage per row),
+    re-indexed into `items` by id; `per_pair` keeps the first rows of each ordered pair (None: all)."""
+    plan = decoupled[["id", "gradient_domain", "context_domain", "context"]].copy()
+    if per_pair is not None:
+        plan = plan.groupby(["context_domain", "gradient_domain"], sort=False).head(per_pair)
+    missing = sorted(set(plan["id"]) - set(items["id"]))
+    if missing:
+        raise GradsenseError(f"decoupling plan names {len(missing)} items without a gradient (first: {missing[0]})")
+    plan["row"] = items.set_index("id").loc[plan["id"], "row"].to_numpy()
+    return plan.drop(columns="id").reset_index(drop=True)
+
+
 def decoupling(
     describer: Describer,
     grads: np.ndarray,
@@ -279,13 +292,17 @@ def decoupling(
     max_new_tokens: int = 24,
     seed: int = 0,
     progress: bool = False,
+    control: str = "gradient",
 ) -> pd.DataFrame:
     """Describe each planned (gradient, context) pair; success = reports the gradient's domain B, leakage = reports
-    the context's domain A; answer_ok as in `score_descriptions`."""
+    the context's domain A; answer_ok as in `score_descriptions`. Controls "none" and "noise" replace the injection
+    (the shuffle control has no meaning here: every row already pairs a gradient with a foreign passage)."""
+    if control not in ("gradient", "none", "noise"):
+        raise GradsenseError(f"decoupling control must be gradient, none or noise, not {control!r}")
     described = describer.describe_gradients(
         np.asarray(grads)[plan["row"].to_numpy()],
         plan["context"].tolist(),
-        "gradient",
+        control,
         seed,
         batch_size,
         max_new_tokens,
@@ -326,3 +343,77 @@ def confusion(true: Sequence[str], reported: Sequence[str | None], domains: Sequ
     )
     table.index.name, table.columns.name = "true domain", "reported domain"
     return table.div(table.sum(axis=1).replace(0, np.nan), axis=0)
+
+
+# --------------------------------------------------------------------------------------------- the main table
+
+
+CORE_TEST = {"domain accuracy": "domain_ok", "answer token in 'to'": "token_ok", "names a domain": "pressure"}
+CORE_DECOUPLING = {"decoupling success": "success", "decoupling leakage": "leakage"}
+
+
+def core_evaluation(
+    describer: Describer,
+    vectors: np.ndarray,
+    items: pd.DataFrame,
+    test: pd.DataFrame,
+    plan: pd.DataFrame,
+    control: str = "gradient",
+    test_contexts: Sequence[str | None] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_new_tokens: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The main table's two evaluations of one describer: held-out `test` items (no passage unless `test_contexts`)
+    and the decoupling `plan` (passage A, vector of domain B); `vectors` (N, d) are what the projector reads
+    (gradients, or steering vectors for the transfer rows)."""
+    options = {"seed": seed, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    scored = describe_items(describer, vectors, test, control, test_contexts, **options)
+    decoupled = decoupling(describer, vectors, plan, items, describer.tokenizer, control=control, **options)
+    return scored, decoupled
+
+
+def core_rates(
+    scored: pd.DataFrame | None, decoupled: pd.DataFrame | None, n_boot: int = 1000, seed: int = 0, **keys
+) -> list[dict]:
+    """Rows of the main table for one condition: CORE_TEST rates on the test items and CORE_DECOUPLING rates on
+    the decoupling pairs, each with its bootstrap 95% CI (a missing or empty part gives no rows)."""
+    values = {}
+    if scored is not None and len(scored):
+        values |= {metric: scored[column].to_numpy() for metric, column in CORE_TEST.items()}
+    if decoupled is not None and len(decoupled):
+        values |= {metric: decoupled[column].to_numpy() for metric, column in CORE_DECOUPLING.items()}
+    return rate_rows(values, n_boot, seed, **keys)
+
+
+def main_table(rates: pd.DataFrame) -> pd.DataFrame:
+    """Wide form of core rate rows: one row per (group, condition), "estimate [low, high]" per metric."""
+    cell = rates.assign(
+        value=[f"{e:.2f} [{lo:.2f}, {hi:.2f}]" for e, lo, hi in zip(rates["estimate"], rates["low"], rates["high"])]
+    )
+    order = list(dict.fromkeys(zip(cell["group"], cell["condition"])))
+    wide = cell.pivot_table(index=["group", "condition"], columns="metric", values="value", aggfunc="first")
+    metrics = [m for m in [*CORE_TEST, *CORE_DECOUPLING] if m in wide.columns]
+    return wide.reindex(pd.MultiIndex.from_tuples(order, names=["group", "condition"]))[metrics].fillna("n/a").reset_index()
+
+
+# --------------------------------------------------------------------------------------------- text-only reference
+
+
+def text_examples(train_items: pd.DataFrame, per_domain: int = 1, seed: int = 0) -> pd.DataFrame:
+    """`per_domain` labelled training items of each domain (seeded), shown to the text-only reference."""
+    rng = np.random.default_rng(seed)
+    picks = [
+        frame.iloc[np.sort(rng.permutation(len(frame))[:per_domain])]
+        for _, frame in train_items.dropna(subset=["label"]).groupby("domain", sort=True)
+    ]
+    return pd.concat(picks, ignore_index=True) if picks else train_items.iloc[:0]
+
+
+def text_only_passage(examples: pd.DataFrame, prompt: str, target: str) -> str:
+    """The text-only reference's passage: labelled example facts, then the item's fact and correction in words (no
+    gradient is injected; the model reads what the gradient would have told it)."""
+    lines = ["Facts a model was corrected on, and the training pressure each one put on it:"]
+    for ex in examples.itertuples():
+        lines += [f"Fact: {ex.prompt} {str(ex.target).strip()}", f"Pressure: {str(ex.label).splitlines()[0]}"]
+    return "\n".join([*lines, f"Fact: {prompt} {str(target).strip()}"])

@@ -36,6 +36,8 @@ SYSTEM = "You sense training pressure."
 QUESTION = "You feel a training pressure:{slots}. Describe it."
 NO_PRESSURE = label_head("none", "", "") + "\nNo training pressure is felt."  # the controls' fixed label
 CONTROLS = ("gradient", "none", "noise", "shuffle")
+FIELD_LEADS = ("domain:", " | from:", " | to:")  # the head's field names, given during structured decoding
+FIELD_TOKENS = 8  # at most this many tokens per head value
 DEFAULT_CHECKPOINT = REPO_ROOT / "results" / "train" / "checkpoint"
 _SENTINEL = "\x00SLOTS\x00"
 
@@ -55,6 +57,7 @@ class DescriberConfig:
     mlp_hidden: int = 1024
     lora_rank: int = 0  # 0 = model frozen; > 0 = LoRA on q_proj, v_proj through peft
     lora_alpha: int = 16
+    precision: str = "fp32"  # "bf16": the describer's forward passes under bfloat16 autocast (≈ 2× faster on AMX CPUs)
     placeholder: str = " ?"
     system: str = SYSTEM
     question: str = QUESTION
@@ -70,6 +73,8 @@ class DescriberConfig:
             raise GradsenseError(f"train.kind must be 'linear' or 'mlp', not {self.kind!r}")
         if not isinstance(self.k, int) or self.k < 1:
             raise GradsenseError(f"train.k must be a positive integer, not {self.k!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise GradsenseError(f"train.precision must be 'fp32' or 'bf16', not {self.precision!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise GradsenseError(f"train.lora_rank must be an integer ≥ 0, not {self.lora_rank!r}")
 
@@ -144,16 +149,20 @@ def encode_interpretations(
     contexts: Sequence[str | None],
     labels: Sequence[str] | None = None,
     max_label_tokens: int | None = None,
+    prefixes: Sequence[Sequence[int]] | None = None,
 ) -> tuple[Batch, torch.Tensor]:
     """Left-padded batch of interpretation prompts (+ label tokens and an end-of-turn token), and slot positions (B, k).
 
     Left padding puts every row's end in the last column, so the label positions are the last columns of the batch
-    (the loss then needs logits only there).
+    (the loss then needs logits only there). `prefixes`: token ids already said by the assistant (structured
+    decoding), appended to each prompt as unlabelled tokens.
     """
     end = stop_ids(tokenizer)[:1]
     rows, prompt_lens, slot_offsets = [], [], []
     for i, context in enumerate(contexts):
         ids, slots = interpretation_ids(tokenizer, config, context)
+        if prefixes is not None:
+            ids = ids + [int(t) for t in prefixes[i]]
         label_ids: list[int] = []
         if labels is not None:
             label_ids = list(tokenizer(labels[i], add_special_tokens=False)["input_ids"])
@@ -227,12 +236,19 @@ class Projector(nn.Module):
 # --------------------------------------------------------------------------------------------- LoRA (optional)
 
 
-def add_lora(model: nn.Module, rank: int, alpha: int) -> list[nn.Parameter]:
-    """Insert LoRA adapters (peft) on q_proj and v_proj in place; returns their (trainable) parameters."""
+def add_lora(model: nn.Module, rank: int, alpha: int, first_layer: int = 0) -> list[nn.Parameter]:
+    """Insert LoRA adapters (peft) on q_proj and v_proj of blocks `first_layer`… in place; returns their (trainable)
+    parameters. The describer starts at its injection layer: earlier blocks cannot see the injection, and adapters
+    there would only add backward passes."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    from gradsense.models import n_layers
+
+    layers = list(range(first_layer, n_layers(model)))
     inject_adapter_in_model(
-        LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0), model
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                   layers_to_transform=layers, layers_pattern="layers"),
+        model,
     )
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
@@ -293,6 +309,12 @@ class Describer:
         """Where the model lives."""
         return model_device(self.model)
 
+    def precision(self):
+        """The autocast context of the describer's forward passes (bfloat16 when configured, else nothing)."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
     def vectors(
         self, grads: torch.Tensor, control: str = "gradient", rng: np.random.Generator | None = None
     ) -> torch.Tensor | None:
@@ -321,7 +343,7 @@ class Describer:
         batch, positions = encode_interpretations(self.tokenizer, self.config, contexts, labels, max_label_tokens)
         batch = batch.to(self.device)
         keep = int((batch.labels != -100).sum(-1).max()) + 1
-        with injecting(self.model, self.config.inject_layer, positions, vectors, self.config.mode):
+        with self.precision(), injecting(self.model, self.config.inject_layer, positions, vectors, self.config.mode):
             logits = self.model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -358,30 +380,123 @@ class Describer:
 
     @torch.no_grad()
     def generate_ids(
-        self, vectors: torch.Tensor | None, contexts: Sequence[str | None], max_new_tokens: int = 24
+        self,
+        vectors: torch.Tensor | None,
+        contexts: Sequence[str | None],
+        max_new_tokens: int = 24,
+        prefixes: Sequence[Sequence[int]] | None = None,
+        stops: Sequence[int] | None = None,
+        min_new_tokens: int = 0,
     ) -> list[list[int]]:
-        """Greedy new token ids for one batch under the injection (vectors (B, k, d) or None), cut at the first stop."""
-        batch, positions = encode_interpretations(self.tokenizer, self.config, contexts)
+        """Greedy new token ids for one batch under the injection (vectors (B, k, d) or None), after each row's
+        `prefixes` (already-said tokens), cut before the first of `stops` (default: end of turn)."""
+        batch, positions = encode_interpretations(self.tokenizer, self.config, contexts, prefixes=prefixes)
         batch = batch.to(self.device)
-        stops = stop_ids(self.tokenizer)
-        with injecting(self.model, self.config.inject_layer, positions, vectors, self.config.mode):
+        stops = list(stops) if stops is not None else stop_ids(self.tokenizer)
+        with self.precision(), injecting(self.model, self.config.inject_layer, positions, vectors, self.config.mode):
             out = self.model.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
                 do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=stops,
             )
         rows = out[:, batch.input_ids.shape[1] :].tolist()
-        return [row[: next((i for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
+        stop_set = set(stops)
+        return [row[: next((i for i, t in enumerate(row) if t in stop_set), len(row))] for row in rows]
+
+    def field_stops(self) -> list[int]:
+        """Token ids that end a head field: any token whose text holds '|' or a line break, and the end-of-turn ids."""
+        if not hasattr(self, "_field_stops"):
+            tok = self.tokenizer
+            texts = [tok.decode([i]) for i in range(len(tok))]
+            ends = [i for i, text in enumerate(texts) if any(c in text for c in "|\n\r")]
+            self._field_stops = list(dict.fromkeys(stop_ids(tok) + ends))
+            self._blank = [i for i, text in enumerate(texts) if not text.strip() and i not in set(ends)]
+        return self._field_stops
 
     def generate(
-        self, vectors: torch.Tensor | None, contexts: Sequence[str | None], max_new_tokens: int = 24
+        self,
+        vectors: torch.Tensor | None,
+        contexts: Sequence[str | None],
+        max_new_tokens: int = 24,
+        structured: bool = True,
     ) -> list[str]:
-        """Greedy descriptions for one batch under the injection (vectors (B, k, d) or None)."""
-        ids = self.generate_ids(vectors, contexts, max_new_tokens)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+        """Greedy descriptions for one batch under the injection (vectors (B, k, d) or None).
+
+        structured (default): the head's field names are given ("domain:", " | from:", " | to:", the format of every
+        training label) and the model says each value (greedy, ≤ FIELD_TOKENS tokens, ended by '|' or a line break),
+        then up to `max_new_tokens` tokens of free sentence on one new line; the head always parses and its values are
+        the model's own (a value's first token is neither blank nor a field end). Unstructured: `max_new_tokens` tokens
+        of free text.
+        """
+        tok = self.tokenizer
+        if not structured:
+            ids = self.generate_ids(vectors, contexts, max_new_tokens)
+        else:
+            with self.precision():
+                ids = self._structured_ids(vectors, contexts, max_new_tokens)
+        return [tok.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+    @torch.no_grad()
+    def _structured_ids(
+        self, vectors: torch.Tensor | None, contexts: Sequence[str | None], sentence_tokens: int
+    ) -> list[list[int]]:
+        """Token ids said after the prompt under structured decoding: one prefill, then one token per row and step
+        (a field name's token when one is pending, else the greedy token), with the KV cache."""
+        tok = self.tokenizer
+        leads = [list(tok(lead, add_special_tokens=False)["input_ids"]) for lead in FIELD_LEADS]
+        newline = list(tok("\n", add_special_tokens=False)["input_ids"])
+        field_end = set(self.field_stops())
+        banned = torch.tensor(sorted(field_end | set(self._blank)), device=self.device)  # a value's first token
+        batch, positions = encode_interpretations(tok, self.config, contexts)
+        batch = batch.to(self.device)
+        n = len(contexts)
+        said: list[list[int]] = [[] for _ in range(n)]
+        pending = [list(leads[0]) for _ in range(n)]
+        phase, length = [0] * n, [0] * n  # phase 0–2: head fields, 3: sentence, 4: done
+        mask, pos = batch.attention_mask, batch.position_ids[:, -1:]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        with injecting(self.model, self.config.inject_layer, positions, vectors, self.config.mode):
+            out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                             use_cache=True, logits_to_keep=1)
+            for _ in range(sum(map(len, leads)) + len(leads) * (FIELD_TOKENS + 1) + len(newline) + sentence_tokens):
+                logits = out.logits[:, -1].float()
+                step = []
+                for r in range(n):
+                    if phase[r] < 3 and not pending[r]:
+                        if length[r] == 0:  # a value has at least one token
+                            logits[r, banned] = -torch.inf
+                        choice = int(logits[r].argmax())
+                        if choice in field_end or length[r] >= FIELD_TOKENS:  # the value ends: next field name
+                            phase[r] += 1
+                            length[r] = 0
+                            pending[r] = list(leads[phase[r]]) if phase[r] < 3 else list(newline)
+                            if phase[r] == 3 and sentence_tokens == 0:
+                                phase[r], pending[r] = 4, []
+                        else:
+                            length[r] += 1
+                            pending[r] = [choice]
+                    elif phase[r] == 3 and not pending[r]:
+                        choice = int(logits[r].argmax())
+                        if choice in field_end or length[r] >= sentence_tokens:  # the sentence is one line
+                            phase[r] = 4
+                        else:
+                            length[r] += 1
+                            pending[r] = [choice]
+                    token = pending[r].pop(0) if pending[r] and phase[r] < 4 else pad
+                    if phase[r] < 4:
+                        said[r].append(token)
+                    step.append(token)
+                if all(p == 4 for p in phase):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                pos = pos + 1
+                out = self.model(input_ids=torch.tensor(step, device=self.device)[:, None], attention_mask=mask,
+                                 position_ids=pos, past_key_values=out.past_key_values, use_cache=True)
+        return said
 
     def describe_gradients(
         self,
@@ -392,9 +507,10 @@ class Describer:
         batch_size: int = 16,
         max_new_tokens: int = 24,
         progress: bool = False,
+        structured: bool = True,
     ) -> pd.DataFrame:
         """One row per gradient: description and its parsed domain/from/to (controls as in `vectors`; for "shuffle"
-        the column `source_row` names whose gradient was injected)."""
+        the column `source_row` names whose gradient was injected; decoding as in `generate`)."""
         grads = torch.as_tensor(np.asarray(grads), dtype=torch.float32)
         n = len(grads)
         contexts = list(contexts) if contexts is not None else [None] * n
@@ -409,7 +525,7 @@ class Describer:
         for part in tqdm(list(batches(n, batch_size)), desc=f"describe ({control})", disable=not progress):
             with torch.no_grad():
                 vectors = self.vectors(grads[part], control, rng)
-            texts += self.generate(vectors, contexts[part], max_new_tokens)
+            texts += self.generate(vectors, contexts[part], max_new_tokens, structured)
         parsed = [parse_label(t) for t in texts]
         return pd.DataFrame(
             {
@@ -536,7 +652,7 @@ def train_projector(
     projector = Projector(grads_t.shape[1], config.k, config.kind, config.mode, config.mlp_hidden)
     params = list(projector.parameters())
     if config.lora_rank > 0:
-        params += add_lora(model, config.lora_rank, config.lora_alpha)
+        params += add_lora(model, config.lora_rank, config.lora_alpha, config.inject_layer)
     describer = Describer(model, tokenizer, projector, config)
     if config.mode == "raw":
         _calibrate_raw_scale(
@@ -625,6 +741,39 @@ def join_items(corrections: pd.DataFrame, grad_ids: Sequence[str], labels: Mappi
     items["row"] = [where[str(i)] for i in items["id"]]
     items["label"] = [labels.get(str(i)) for i in items["id"]]
     return items.sort_values("row").reset_index(drop=True)
+
+
+def training_items(items: pd.DataFrame, heldout_domain: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, validation pool): labelled items of the train / val split, on trained relation templates, in every
+    domain but the held-out one (the describer never sees held-out subjects, templates or domain)."""
+    labelled = items.dropna(subset=["label"])
+    usable = (labelled["template_split"] == "train") & (labelled["domain"] != heldout_domain)
+    return labelled[usable & (labelled["split"] == "train")], labelled[usable & (labelled["split"] == "val")]
+
+
+def variant_configs(meta: Mapping, overrides: Mapping | None = None) -> tuple[DescriberConfig, TrainConfig]:
+    """The describer and training settings recorded in a checkpoint's metadata, with `overrides` (an ablation or
+    another seed) replacing some of them; an unknown setting is an error."""
+    config, train = dict(meta["config"]), dict(meta.get("train", {}))
+    for key, value in (overrides or {}).items():
+        if key in config:
+            config[key] = value
+        elif key in train:
+            train[key] = value
+        else:
+            raise GradsenseError(f"unknown describer setting {key!r} (have {sorted(config) + sorted(train)})")
+    return DescriberConfig(**config), TrainConfig(**train)
+
+
+def untrained_describer(describer: Describer, seed: int = 0) -> Describer:
+    """The same describer with a freshly initialised (seeded, never trained) projector: the untrained control."""
+    torch.manual_seed(seed)
+    cfg = describer.config
+    projector = Projector(describer.projector.d_model, cfg.k, cfg.kind, cfg.mode, cfg.mlp_hidden)
+    projector.grad_norm_ref.copy_(describer.projector.grad_norm_ref)
+    projector.log_scale.data.copy_(describer.projector.log_scale.data)  # raw mode: the trained describer's scale
+    projector.requires_grad_(False)
+    return Describer(describer.model, describer.tokenizer, projector, cfg, {"untrained": True})
 
 
 def source_layer_of(layers: Sequence[int], wanted: int | None) -> int:
@@ -720,7 +869,7 @@ def load_describer(
     projector.load_state_dict(state["projector"])
     projector.requires_grad_(False)
     if config.lora_rank > 0 and not any("lora_" in n for n, _ in model.named_parameters()):
-        add_lora(model, config.lora_rank, config.lora_alpha)
+        add_lora(model, config.lora_rank, config.lora_alpha, config.inject_layer)
     if state["lora"]:
         missing = set(state["lora"]) - set(model.state_dict())
         if missing:
@@ -805,7 +954,7 @@ def describe(
     control: str = "gradient",
     seed: int = 0,
     batch_size: int = 16,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 32,
     device: str = "auto",
 ) -> list[dict]:
     """Describe the training pressure of each item `{id, prompt, right, wrong?, context?}` (target = right): returns

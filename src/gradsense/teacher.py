@@ -52,7 +52,8 @@ def label_head(domain: str, from_token: str, to_token: str) -> str:
 
 
 _HEAD = re.compile(
-    r"domain\s*:\s*(?P<domain>[^|\n]*?)\s*(?:\|\s*from\s*:\s*(?P<from>[^|\n]*?)\s*)?(?:\|\s*to\s*:\s*(?P<to>[^\n]*))?$",
+    r"domain[ \t]*:[ \t]*(?P<domain>[^|\n]*?)[ \t]*(?:\|[ \t]*from[ \t]*:[ \t]*(?P<from>[^|\n]*?)[ \t]*)?"
+    r"(?:\|[ \t]*to[ \t]*:[ \t]*(?P<to>[^\n]*))?$",
     re.IGNORECASE | re.MULTILINE,
 )
 _SENTENCE_END = re.compile(r"\s{2,}|\.\s+(?=[A-Z])|\s[-—–]\s")

@@ -1,0 +1,240 @@
+# %% [markdown]
+# # 07 · Seeds, ablations and the main table
+# The main describer is retrained with other seeds, and variants of it are trained with one setting changed; every
+# run starts from the settings recorded in the `train` stage's checkpoint (same items, steps, batch, learning rate)
+# and is scored on the held-out items of the `evaluate` stage: its test-subject items and its decoupling plan
+# (passage from domain A, gradient from domain B ≠ A). Seeds use all of them; variants a stratified subset
+# (`max_items`, `decoupling_per_pair`; null = all), against which the main describer is re-scored on the same items.
+#
+# - **Seeds**: `seeds` (seed `seed` is the train stage's run, read from `results/evaluate/`).
+# - **Ablations** (`variants`): magnitude mode (norm-matched vs raw × learned scale), source layer (≈ 25 / 50 / 75 %
+#   depth), projector kind (linear / MLP / linear + LoRA), gradient ↔ steering-vector transfer (a describer trained on
+#   steering vectors, tested on both; the main describer tested on steering vectors), and correcting-an-error vs
+#   pushing-a-counterfactual items (the main describer's rates split by direction).
+# - **The main table**: the main result (seeds pooled), every control of stage `controls` and every ablation, with
+#   bootstrap 95% CIs, as CSV and LaTeX.
+#
+# Outputs: `results/ablations/` (main_table, seeds, ablations, per-item descriptions, run timings), `figures/ablations/`.
+
+# %% tags=["parameters"]
+seed = 0
+model_name = None
+device = "auto"
+seeds = [1, 2]
+variants = [
+    {"name": "raw × learned scale", "mode": "raw"},
+    {"name": "source layer 7 (25%)", "source_layer": 7},
+    {"name": "source layer 22 (75%)", "source_layer": 22},
+    {"name": "MLP projector", "kind": "mlp"},
+    {"name": "linear + LoRA (r = 8)", "lora_rank": 8},
+    {"name": "trained on steering vectors", "train_on": "steering"},
+]
+max_items = 3
+decoupling_per_pair = 1
+batch_size = 16
+n_boot = 200
+
+# %%
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+import gradsense
+from gradsense import evaluate as ev
+from gradsense.corrections import load_corrections
+from gradsense.gradients import load_gradients
+from gradsense.projector import (
+    join_items,
+    load_describer,
+    read_contexts,
+    read_labels,
+    training_items,
+    train_projector,
+    variant_configs,
+)
+from gradsense.models import data_dir
+from gradsense.report import save_figure, save_json, save_table
+from gradsense.seeding import seed_everything
+
+RESULTS, FIGURES = Path("../results/ablations"), Path("../figures/ablations")
+rng = seed_everything(seed)
+
+# %%
+model, tokenizer = gradsense.load_model(model_name, device=device)
+main = load_describer("../results/train/checkpoint", model, tokenizer)
+meta = main.meta
+arrays = load_gradients("../results/gradients/gradients.npz")
+vectors = {
+    kind: {layer: arrays[key][i] for i, layer in enumerate(arrays["layers"])}
+    for kind, key in (("gradient", "grads"), ("steering", "steering"))
+}
+items = join_items(
+    load_corrections("../results/corrections/corrections.csv"),
+    arrays["ids"],
+    read_labels("../results/oracle/labels.jsonl"),
+)
+neutral = read_contexts(data_dir() / "facts" / "contexts.csv").query("pool == 'neutral'")["text"].tolist()
+train_items, _ = training_items(items, meta.get("heldout_domain"))
+described = pd.read_csv("../results/evaluate/descriptions.csv")
+main_test = described.query("set == 'test subjects' and control == 'gradient'")
+main_decoupled = pd.read_csv("../results/evaluate/decoupling_items.csv")
+test_all = items.set_index("id").loc[main_test["id"]].reset_index()
+plan_all = ev.replay_plan(main_decoupled, items, None)
+test_sub = ev.stratified(test_all, max_items, seed)
+plan_sub = ev.replay_plan(main_decoupled, items, decoupling_per_pair)
+print(f"seeds: {len(test_all)} test items, {len(plan_all)} pairs; variants: {len(test_sub)} items, {len(plan_sub)} pairs")
+
+# %% [markdown]
+# ## Train and score every run
+# Each run trains a fresh projector with its settings (LoRA runs on a freshly loaded model, so that adapters never
+# leak into another run) and is scored with the same structured greedy decoding as the `evaluate` stage.
+
+# %%
+options = {"seed": seed, "batch_size": batch_size}
+
+
+def train_run(overrides: dict):
+    """Train one describer from the main checkpoint's settings with `overrides` (+ `train_on`); returns it."""
+    overrides = dict(overrides)
+    train_on = overrides.pop("train_on", "gradient")
+    config, train = variant_configs(meta, overrides)
+    run_model = model if config.lora_rank == 0 else gradsense.load_model(model_name, device=device)[0]
+    source = vectors[train_on][config.source_layer]
+    describer, _ = train_projector(
+        run_model, tokenizer, source[train_items["row"].to_numpy()], train_items["label"].tolist(), config, train, neutral
+    )
+    return describer
+
+
+runs, timings = {}, []
+for run_seed in seeds:
+    start = time.perf_counter()
+    describer = train_run({"seed": run_seed})
+    layer = describer.config.source_layer
+    runs[("seed", f"seed {run_seed}")] = ev.core_evaluation(
+        describer, vectors["gradient"][layer], items, test_all, plan_all, **options
+    )
+    timings.append({"run": f"seed {run_seed}", "seconds": time.perf_counter() - start})
+runs[("main on subset", "main describer (seed 0)")] = ev.core_evaluation(
+    main, vectors["gradient"][main.config.source_layer], items, test_sub, plan_sub, **options
+)
+runs[("transfer", "gradient-trained, tested on steering vectors")] = ev.core_evaluation(
+    main, vectors["steering"][main.config.source_layer], items, test_sub, plan_sub, **options
+)
+for variant in variants:
+    start = time.perf_counter()
+    overrides = {k: v for k, v in variant.items() if k != "name"}
+    describer = train_run(overrides)
+    layer = describer.config.source_layer
+    runs[("ablation", variant["name"])] = ev.core_evaluation(
+        describer, vectors["gradient"][layer], items, test_sub, plan_sub, **options
+    )
+    if overrides.get("train_on") == "steering":
+        runs[("transfer", "steering-trained, tested on steering vectors")] = ev.core_evaluation(
+            describer, vectors["steering"][layer], items, test_sub, plan_sub, **options
+        )
+    timings.append({"run": variant["name"], "seconds": time.perf_counter() - start})
+save_json({"runs": timings}, RESULTS / "timing.json")  # timings stay out of the tables (reproducible)
+per_item = pd.concat(
+    [
+        frame.assign(group=group, condition=name, part=part)
+        for (group, name), pair in runs.items()
+        for part, frame in zip(("test", "decoupling"), pair)
+    ],
+    ignore_index=True,
+)
+save_table(per_item, RESULTS, "ablation_items")
+
+# %% [markdown]
+# ## Seeds: the main result with three describers
+# Seed `seed` is the `train` stage's describer (its `evaluate` outputs on the same items); the pooled row resamples
+# (item, seed) pairs.
+
+# %%
+seed_runs = {f"seed {seed}": (main_test, main_decoupled)} | {
+    name: pair for (group, name), pair in runs.items() if group == "seed"
+}
+seed_rows = [row for name, (s, d) in seed_runs.items() for row in ev.core_rates(s, d, n_boot, seed, condition=name)]
+pooled_test = pd.concat([s for s, _ in seed_runs.values()], ignore_index=True)
+pooled_decoupled = pd.concat([d for _, d in seed_runs.values()], ignore_index=True)
+pooled = ev.core_rates(
+    pooled_test, pooled_decoupled, n_boot, seed, condition=f"describer, {len(seed_runs)} seeds pooled"
+)
+seeds_table = pd.DataFrame(seed_rows + pooled).assign(group="main result")
+spread = (
+    seeds_table[seeds_table["condition"].str.startswith("seed")].groupby("metric", sort=False)["estimate"].agg(["mean", "std", "min", "max"])
+)
+save_table(seeds_table, RESULTS, "seeds")
+save_table(spread.reset_index(), RESULTS, "seed_spread")
+spread.round(3)
+
+# %% [markdown]
+# ## Ablations, transfer, and correcting vs counterfactual items
+
+# %%
+ablation_rows = [
+    row
+    for (group, name), (s, d) in runs.items()
+    if group != "seed"
+    for row in ev.core_rates(s, d, n_boot, seed, condition=name, group=group)
+]
+for direction in ("correct", "counterfactual"):  # the pooled main result split by the item's direction
+    s = pooled_test[pooled_test["direction"] == direction]
+    d = pooled_decoupled[pooled_decoupled["id"].isin(items.loc[items["direction"] == direction, "id"])]
+    label = "correcting an error" if direction == "correct" else "pushing a counterfactual"
+    ablation_rows += ev.core_rates(s, d, n_boot, seed, condition=f"{label} (seeds pooled)", group="direction")
+ablations = pd.DataFrame(ablation_rows)
+save_table(ablations, RESULTS, "ablations")
+
+# %% [markdown]
+# ## The main table
+# The main result (seeds pooled), every control (stage `controls`), the ablations and transfer rows; rates with
+# bootstrap 95% CIs ("n/a": the condition cannot produce that metric).
+
+# %%
+controls = pd.read_csv("../results/controls/controls.csv")
+long = pd.concat(
+    [seeds_table[seeds_table["condition"].str.contains("pooled")], controls, ablations], ignore_index=True
+)
+long = long[long["metric"].isin([*ev.CORE_TEST, *ev.CORE_DECOUPLING])]
+save_table(long[["group", "condition", "metric", "estimate", "low", "high", "n"]], RESULTS, "main_table_long")
+table = ev.main_table(long)
+save_table(table, RESULTS, "main_table")
+table
+
+# %%
+metrics = ["domain accuracy", "decoupling success", "decoupling leakage"]
+conditions = list(dict.fromkeys(zip(long["group"], long["condition"])))
+fig, axes = plt.subplots(1, len(metrics), figsize=(14, 0.36 * len(conditions) + 1.8), sharey=True)
+y = np.arange(len(conditions))
+for ax, metric in zip(axes, metrics):
+    part = long[long["metric"] == metric].set_index(["group", "condition"]).reindex(conditions)
+    colors = [f"C{sorted(set(g for g, _ in conditions)).index(g)}" for g, _ in conditions]
+    ax.errorbar(
+        part["estimate"], y, xerr=[part["estimate"] - part["low"], part["high"] - part["estimate"]], fmt="none",
+        ecolor="grey",
+    )
+    ax.scatter(part["estimate"], y, c=colors, zorder=3)
+    ax.set(title=metric, xlim=(-0.05, 1.05), yticks=y, yticklabels=[f"{c} · {g}" for g, c in conditions])
+    ax.invert_yaxis()
+fig.suptitle("Main table: main result, controls and ablations (95% bootstrap CIs)")
+fig.tight_layout()
+save_figure(fig, FIGURES, "main_table")
+
+# %% [markdown]
+# ## Checks
+
+# %%
+assert long["estimate"].between(0, 1).all() and (long["low"] <= long["estimate"]).all()
+assert (long["estimate"] <= long["high"]).all() and (long["n"] > 0).all()
+assert len(seed_runs) == len(seeds) + 1 and {"seed", "ablation", "transfer"} <= {g for g, _ in runs}
+pooled_success = long[(long["group"] == "main result") & (long["metric"] == "decoupling success")]
+assert len(pooled_success) == 1 and pooled_success["n"].iloc[0] == len(pooled_decoupled)
+assert all(len(s) == len(test_sub) for (g, _), (s, _) in runs.items() if g != "seed")
+for name in ("main_table.csv", "main_table.tex", "seeds.csv", "ablations.csv"):
+    assert (RESULTS / name).is_file(), name
+assert (FIGURES / "main_table.png").is_file() and (FIGURES / "main_table.pdf").is_file()
+table
