@@ -32,9 +32,10 @@ paper-ci: data  ## the whole pipeline on the tiny `ci` preset (params-ci.yaml) i
 	cp -r dvc.yaml notebooks src build/ci/ && cp params-ci.yaml build/ci/params.yaml && cp -al data build/ci/data
 	cd build/ci && dvc init --no-scm -q && dvc config core.analytics false && dvc repro
 
-test: data  ## every test: unit (tiny model), integration (real SmolLM2), notebooks (nbval, ci preset)
+test: data  ## every test: unit (tiny model), integration (real SmolLM2), notebooks (nbval, ci preset), determinism
 	pytest -q tests
 	$(MAKE) --no-print-directory test-notebooks
+	$(MAKE) --no-print-directory determinism
 
 test-unit: venv
 	pytest -q tests -m "not integration"
@@ -46,6 +47,7 @@ test-notebooks: data  ## run every pipeline notebook in order with its default (
 
 bench: data  ## speed benchmarks (results/bench/*.json)
 	python benchmarks/bench_gradients.py
+	python benchmarks/bench_training.py
 	python benchmarks/bench_pipeline.py --ci --full
 
 data-record: venv  ## maintainers only: re-record data/ in data.dvc after changing sources/facts/
@@ -59,7 +61,8 @@ lab: venv  ## JupyterLab on the notebooks
 clean:
 	rm -rf build results figures .dvc/tmp
 
-determinism: data  ## the ci preset twice (nbval run + dvc run): every result table must be byte-identical
-	$(MAKE) --no-print-directory test-notebooks
+determinism: data  ## the ci preset by `dvc repro`, then `dvc repro --force` again: every result table must be byte-identical
 	$(MAKE) --no-print-directory paper-ci
-	python scripts/compare_results.py $(NBTEST)/results build/ci/results
+	rm -rf build/ci-first && cp -r build/ci/results build/ci-first
+	cd build/ci && dvc repro --force
+	python scripts/compare_results.py build/ci-first build/ci/results

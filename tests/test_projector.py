@@ -324,6 +324,7 @@ def test_smol_describer_trains_saves_and_describes(smol, tmp_path):
     assert [r["id"] for r in out] == ["fr", "hastings"] and all(
         set(r) == {"id", "description", "domain", "from", "to"} for r in out
     )
+    assert all(r["domain"] and r["from"] and r["to"] for r in out), out  # structured decoding: every field parsed
 
 
 def test_structured_decoding_always_yields_a_parsed_head():

@@ -10,8 +10,8 @@
 #   text inside `to`) and at the labels' granularity (`to` = the target's first visible token, as the oracle's
 #   labels name it); whether `to` reproduces the `to` of the item's teacher label (what training asked for); forced
 #   choice (the item's own label ranked against the labels of 9 other items by the mean per-token log-likelihood
-#   under the injection; chance 0.1); false positives ("names a domain": a parsed domain other than "none", under
-#   no injection or norm-matched noise); the shuffled-gradient control: each item's own fact prompt is read as the
+#   under the injection; chance 0.1); false positives ("names a domain": one of the corpus's domains is named,
+#   under no injection or norm-matched noise); the shuffled-gradient control: each item's own fact prompt is read as the
 #   passage while another item's gradient is injected, scored against the injected item ("names the read item's
 #   domain" = the report follows the prompt instead, among pairs whose domains differ).
 # - **Decoupling**: a passage from domain A is read before the question while a gradient from domain B ≠ A is
@@ -81,7 +81,9 @@ pd.DataFrame(
 # ## Held-out sets and controls
 
 # %%
-options = {"seed": seed, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+# A false positive names one of the corpus's domains (structured decoding always says *something* after "domain:").
+domain_names = sorted(items["domain"].unique())
+options = {"seed": seed, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "domains": domain_names}
 scored = {
     (name, "gradient"): ev.describe_items(describer, grads, frame, **options)
     for name, frame in sets.items()

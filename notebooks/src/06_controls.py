@@ -71,12 +71,13 @@ print(f"{len(test)} test items, {len(plan)} decoupling pairs, source layer {desc
 
 # %%
 options = {"seed": seed, "batch_size": batch_size}
+domains = {"domains": sorted(items["domain"].unique())}  # naming one of these = feeling a pressure
 runs = {
-    "trained describer": ev.core_evaluation(describer, grads, items, test, plan, **options),
-    "no injection": ev.core_evaluation(describer, grads, items, test, plan, "none", **options),
-    "norm-matched noise": ev.core_evaluation(describer, grads, items, test, plan, "noise", **options),
-    "steering vector": ev.core_evaluation(describer, steering, items, test, plan, **options),
-    "untrained projector": ev.core_evaluation(untrained_describer(describer, seed), grads, items, test, plan, **options),
+    "trained describer": ev.core_evaluation(describer, grads, items, test, plan, **options, **domains),
+    "no injection": ev.core_evaluation(describer, grads, items, test, plan, "none", **options, **domains),
+    "norm-matched noise": ev.core_evaluation(describer, grads, items, test, plan, "noise", **options, **domains),
+    "steering vector": ev.core_evaluation(describer, steering, items, test, plan, **options, **domains),
+    "untrained projector": ev.core_evaluation(untrained_describer(describer, seed), grads, items, test, plan, **options, **domains),
 }
 # Text-only: the fact and its target in words (after labelled examples of the training items), nothing injected.
 train_items, _ = training_items(items, describer.meta.get("heldout_domain"))
@@ -89,11 +90,11 @@ plan_texts = plan.assign(
         for passage, r in zip(plan["context"], plan["row"])
     ]
 )
-text_scored = ev.describe_items(describer, grads, test, "none", texts, **options)
+text_scored = ev.describe_items(describer, grads, test, "none", texts, **options, **domains)
 text_decoupled = ev.decoupling(describer, grads, plan_texts, items, tokenizer, control="none", **options)
 runs["text-only (no gradient)"] = (text_scored, text_decoupled)
 # Shuffled gradients: each item's own fact prompt is the passage, another item's gradient is injected.
-shuffled = ev.describe_items(describer, grads, test, "shuffle", test["prompt"].tolist(), **options)
+shuffled = ev.describe_items(describer, grads, test, "shuffle", test["prompt"].tolist(), **options, **domains)
 rows = [row for name, (s, d) in runs.items() for row in ev.core_rates(s, d, n_boot, seed, condition=name)]
 rows += ev.core_rates(shuffled, None, n_boot, seed, condition="shuffled gradients")
 differ = shuffled["domain"] != shuffled["read_domain"]

@@ -3,8 +3,8 @@
 # The main describer is retrained with other seeds, and variants of it are trained with one setting changed; every
 # run starts from the settings recorded in the `train` stage's checkpoint (same items, steps, batch, learning rate)
 # and is scored on the held-out items of the `evaluate` stage: its test-subject items and its decoupling plan
-# (passage from domain A, gradient from domain B ≠ A). Seeds use all of them; variants a stratified subset
-# (`max_items`, `decoupling_per_pair`; null = all), against which the main describer is re-scored on the same items.
+# (passage from domain A, gradient from domain B ≠ A). Seeds use all of them; variants the subset the `controls`
+# stage scored (its `max_items`, `decoupling_per_pair`), where the main describer was re-scored on the same items.
 #
 # - **Seeds**: `seeds` (seed `seed` is the train stage's run, read from `results/evaluate/`).
 # - **Ablations** (`variants`): magnitude mode (norm-matched vs raw × learned scale), source layer (≈ 25 / 50 / 75 %
@@ -29,8 +29,6 @@ variants = [
     {"name": "linear + LoRA (r = 8)", "lora_rank": 8},
     {"name": "trained on steering vectors", "train_on": "steering"},
 ]
-max_items = 3
-decoupling_per_pair = 1
 batch_size = 16
 n_boot = 200
 
@@ -83,8 +81,20 @@ main_test = described.query("set == 'test subjects' and control == 'gradient'")
 main_decoupled = pd.read_csv("../results/evaluate/decoupling_items.csv")
 test_all = items.set_index("id").loc[main_test["id"]].reset_index()
 plan_all = ev.replay_plan(main_decoupled, items, None)
-test_sub = ev.stratified(test_all, max_items, seed)
-plan_sub = ev.replay_plan(main_decoupled, items, decoupling_per_pair)
+# Variants are scored on the controls stage's items; its "trained describer" and "steering vector" rows are the main
+# describer on them (re-scored there with the same decoding), so they are read, not recomputed.
+control_items = pd.read_csv("../results/controls/controls_items.csv")
+
+
+def stored(condition: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The controls stage's (test, decoupling) per-item frames of one condition."""
+    rows = control_items[control_items["condition"] == condition]
+    return rows[rows["part"] == "test"].reset_index(drop=True), rows[rows["part"] == "decoupling"].reset_index(drop=True)
+
+
+main_sub = stored("trained describer")
+test_sub = items.set_index("id").loc[main_sub[0]["id"]].reset_index()
+plan_sub = ev.replay_plan(main_sub[1], items, None)
 print(f"seeds: {len(test_all)} test items, {len(plan_all)} pairs; variants: {len(test_sub)} items, {len(plan_sub)} pairs")
 
 # %% [markdown]
@@ -94,6 +104,7 @@ print(f"seeds: {len(test_all)} test items, {len(plan_all)} pairs; variants: {len
 
 # %%
 options = {"seed": seed, "batch_size": batch_size}
+domains = {"domains": sorted(items["domain"].unique())}  # naming one of these = feeling a pressure
 
 
 def train_run(overrides: dict):
@@ -115,26 +126,22 @@ for run_seed in seeds:
     describer = train_run({"seed": run_seed})
     layer = describer.config.source_layer
     runs[("seed", f"seed {run_seed}")] = ev.core_evaluation(
-        describer, vectors["gradient"][layer], items, test_all, plan_all, **options
+        describer, vectors["gradient"][layer], items, test_all, plan_all, **options, **domains
     )
     timings.append({"run": f"seed {run_seed}", "seconds": time.perf_counter() - start})
-runs[("main on subset", "main describer (seed 0)")] = ev.core_evaluation(
-    main, vectors["gradient"][main.config.source_layer], items, test_sub, plan_sub, **options
-)
-runs[("transfer", "gradient-trained, tested on steering vectors")] = ev.core_evaluation(
-    main, vectors["steering"][main.config.source_layer], items, test_sub, plan_sub, **options
-)
+runs[("main on subset", "main describer (seed 0)")] = main_sub
+runs[("transfer", "gradient-trained, tested on steering vectors")] = stored("steering vector")
 for variant in variants:
     start = time.perf_counter()
     overrides = {k: v for k, v in variant.items() if k != "name"}
     describer = train_run(overrides)
     layer = describer.config.source_layer
     runs[("ablation", variant["name"])] = ev.core_evaluation(
-        describer, vectors["gradient"][layer], items, test_sub, plan_sub, **options
+        describer, vectors["gradient"][layer], items, test_sub, plan_sub, **options, **domains
     )
     if overrides.get("train_on") == "steering":
         runs[("transfer", "steering-trained, tested on steering vectors")] = ev.core_evaluation(
-            describer, vectors["steering"][layer], items, test_sub, plan_sub, **options
+            describer, vectors["steering"][layer], items, test_sub, plan_sub, **options, **domains
         )
     timings.append({"run": variant["name"], "seconds": time.perf_counter() - start})
 save_json({"runs": timings}, RESULTS / "timing.json")  # timings stay out of the tables (reproducible)

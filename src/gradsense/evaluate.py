@@ -86,11 +86,13 @@ def same_token(reported: str | None, expected: str | None) -> bool:
     return bool(reported) and bool(expected) and str(reported).strip().casefold() == str(expected).strip().casefold()
 
 
-def score_descriptions(described: pd.DataFrame, items: pd.DataFrame, tokenizer) -> pd.DataFrame:
+def score_descriptions(
+    described: pd.DataFrame, items: pd.DataFrame, tokenizer, domains: Sequence[str] | None = None
+) -> pd.DataFrame:
     """Per row (aligned with `items`): domain_ok, answer_ok (target text in `to`), token_ok (first target token
-    or whole target in `to`), pressure (a domain other than "none" is named: a false positive under the
-    no-injection and noise controls), parsed (a head was found), teacher_to_ok (`to` = the `to` of the item's teacher
-    label, the token the describer was trained to say; False when the item has no label)."""
+    or whole target in `to`), pressure (one of `domains` is named — with None, any domain but "none": a false
+    positive under the no-injection and noise controls), parsed (a head was found), teacher_to_ok (`to` = the `to`
+    of the item's teacher label, the token the describer was trained to say; False when the item has no label)."""
     if len(described) != len(items):
         raise GradsenseError(f"{len(described)} descriptions for {len(items)} items")
     items = items.reset_index(drop=True)
@@ -109,8 +111,9 @@ def score_descriptions(described: pd.DataFrame, items: pd.DataFrame, tokenizer) 
             "domain_ok": described["domain"].fillna("").to_numpy() == items["domain"].to_numpy(),
             "answer_ok": [answer_identified(t, a) for t, a in zip(described["to"], items["target"])],
             "token_ok": [token_identified(t, a, tokenizer) for t, a in zip(described["to"], items["target"])],
-            "pressure": described["domain"].notna().to_numpy()
-            & (described["domain"].fillna("").to_numpy() != NONE_DOMAIN),
+            "pressure": described["domain"].isin(list(domains)).to_numpy()
+            if domains is not None
+            else described["domain"].notna().to_numpy() & (described["domain"].fillna("").to_numpy() != NONE_DOMAIN),
             "teacher_to_ok": [same_token(t, teacher_to(label)) for t, label in zip(described["to"], labels)],
         }
     )
@@ -126,17 +129,19 @@ def describe_items(
     batch_size: int = 16,
     max_new_tokens: int = 24,
     progress: bool = False,
+    domains: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Describe `items` (with a `row` column into `grads`) under a control and score each description against the
     item whose gradient was injected (for "shuffle": another item); `id` names the item read, `source_id` the
     injected one, `read_domain_ok` = the report names the read item's domain (with `contexts` = each item's own
-    prompt, the shuffle control asks whether the report follows the prompt it reads or the gradient it feels)."""
+    prompt, the shuffle control asks whether the report follows the prompt it reads or the gradient it feels;
+    `domains`: the domains whose naming counts as feeling a pressure, see `score_descriptions`)."""
     items = items.reset_index(drop=True)
     described = describer.describe_gradients(
         np.asarray(grads)[items["row"].to_numpy()], contexts, control, seed, batch_size, max_new_tokens, progress
     )
     injected = items.iloc[described["source_row"].to_numpy()].reset_index(drop=True)
-    scored = score_descriptions(described, injected, describer.tokenizer)
+    scored = score_descriptions(described, injected, describer.tokenizer, domains)
     return scored.assign(
         id=items["id"].to_numpy(),
         source_id=injected["id"].to_numpy(),
@@ -363,12 +368,13 @@ def core_evaluation(
     seed: int = 0,
     batch_size: int = 16,
     max_new_tokens: int = 0,
+    domains: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The main table's two evaluations of one describer: held-out `test` items (no passage unless `test_contexts`)
     and the decoupling `plan` (passage A, vector of domain B); `vectors` (N, d) are what the projector reads
-    (gradients, or steering vectors for the transfer rows)."""
+    (gradients, or steering vectors for the transfer rows); `domains` as in `score_descriptions`."""
     options = {"seed": seed, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
-    scored = describe_items(describer, vectors, test, control, test_contexts, **options)
+    scored = describe_items(describer, vectors, test, control, test_contexts, domains=domains, **options)
     decoupled = decoupling(describer, vectors, plan, items, describer.tokenizer, control=control, **options)
     return scored, decoupled
 
