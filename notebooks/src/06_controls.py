@@ -70,7 +70,7 @@ print(f"{len(test)} test items, {len(plan)} decoupling pairs, source layer {desc
 # ## Describer conditions (same items, same decoding)
 
 # %%
-options = {"seed": seed, "batch_size": batch_size}
+options = {"seed": seed, "batch_size": batch_size, "max_new_tokens": 0}  # the head only, as in `evaluate`
 domains = {"domains": sorted(items["domain"].unique())}  # naming one of these = feeling a pressure
 runs = {
     "trained describer": ev.core_evaluation(describer, grads, items, test, plan, **options, **domains),

@@ -103,7 +103,7 @@ print(f"seeds: {len(test_all)} test items, {len(plan_all)} pairs; variants: {len
 # leak into another run) and is scored with the same structured greedy decoding as the `evaluate` stage.
 
 # %%
-options = {"seed": seed, "batch_size": batch_size}
+options = {"seed": seed, "batch_size": batch_size, "max_new_tokens": 0}  # the head only, as in `evaluate`
 domains = {"domains": sorted(items["domain"].unique())}  # naming one of these = feeling a pressure
 
 
