@@ -149,7 +149,7 @@ shown += ["controls/controls"]
 # ## 7 · Seeds, ablations and the main table (stage `ablations`, `07_ablations`)
 
 # %%
-main = table("ablations", "main_table")
+main = pd.read_csv(RESULTS / "ablations" / "main_table.csv", keep_default_na=False)  # keep its "n/a" cells
 long = table("ablations", "main_table_long")
 pooled = long[long["condition"].str.contains("pooled") & (long["group"] == "main result")].set_index("metric")
 success, leakage = pooled.loc["decoupling success"], pooled.loc["decoupling leakage"]
