@@ -409,13 +409,18 @@ class Describer:
 
     def field_stops(self) -> list[int]:
         """Token ids that end a head field: any token whose text holds '|' or a line break, and the end-of-turn ids."""
-        if not hasattr(self, "_field_stops"):
+        return self._token_classes()[0]
+
+    def _token_classes(self) -> tuple[list[int], list[int]]:
+        """(field stops, blank tokens: whitespace-only and not a stop), from one pass over the vocabulary (cached)."""
+        if not hasattr(self, "_classes"):
             tok = self.tokenizer
             texts = [tok.decode([i]) for i in range(len(tok))]
             ends = [i for i, text in enumerate(texts) if any(c in text for c in "|\n\r")]
-            self._field_stops = list(dict.fromkeys(stop_ids(tok) + ends))
-            self._blank = [i for i, text in enumerate(texts) if not text.strip() and i not in set(ends)]
-        return self._field_stops
+            end_set = set(ends)
+            blank = [i for i, text in enumerate(texts) if not text.strip() and i not in end_set]
+            self._classes = (list(dict.fromkeys(stop_ids(tok) + ends)), blank)
+        return self._classes
 
     def generate(
         self,
@@ -449,8 +454,9 @@ class Describer:
         tok = self.tokenizer
         leads = [list(tok(lead, add_special_tokens=False)["input_ids"]) for lead in FIELD_LEADS]
         newline = list(tok("\n", add_special_tokens=False)["input_ids"])
-        field_end = set(self.field_stops())
-        banned = torch.tensor(sorted(field_end | set(self._blank)), device=self.device)  # a value's first token
+        stops, blank = self._token_classes()
+        field_end = set(stops)
+        banned = torch.tensor(sorted(field_end | set(blank)), device=self.device)  # a value's first token
         batch, positions = encode_interpretations(tok, self.config, contexts)
         batch = batch.to(self.device)
         n = len(contexts)
