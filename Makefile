@@ -9,14 +9,15 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 NBTEST := build/nbtest
+CI_RUN := build/ci
+# The two ci-preset runs of `make test` share the 2 cores, one thread each (same setting in both: same tables).
+ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-.PHONY: venv data paper paper-ci test test-unit test-notebooks bench determinism data-record lab clean
+.PHONY: venv data paper paper-ci test test-unit test-notebooks lint format sync bench determinism data-record lab clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	python3 scripts/install_env.py $(VENV)
 	touch $@
 
 venv: $(VENV)/.installed  ## create .venv and install the pinned environment
@@ -27,23 +28,44 @@ data: venv  ## rebuild data/ from its pinned sources and verify it against data.
 paper: data  ## regenerate every figure and table (full CPU paper)
 	dvc repro
 
-paper-ci: data  ## the whole pipeline on the tiny `ci` preset (params-ci.yaml) in build/ci
-	rm -rf build/ci && mkdir -p build/ci
-	cp -r dvc.yaml notebooks src build/ci/ && cp params-ci.yaml build/ci/params.yaml && cp -al data build/ci/data
-	cd build/ci && dvc init --no-scm -q && dvc config core.analytics false && dvc repro
+paper-ci: data  ## the whole pipeline on the tiny `ci` preset (params-ci.yaml) by `dvc repro`, in build/ci
+	rm -rf $(CI_RUN) && mkdir -p $(CI_RUN)
+	cp -r dvc.yaml notebooks src $(CI_RUN)/ && cp params-ci.yaml $(CI_RUN)/params.yaml && cp -al data $(CI_RUN)/data
+	cd $(CI_RUN) && dvc init --no-scm -q && dvc config core.analytics false && dvc repro
 
-test: data  ## every test: unit (tiny model), integration (real SmolLM2), notebooks (nbval, ci preset), determinism
+test: data lint  ## every test: lint, unit + integration (pytest), notebooks (nbval) beside `dvc repro` of the ci preset, tables compared
 	pytest -q tests
-	$(MAKE) --no-print-directory test-notebooks
 	$(MAKE) --no-print-directory determinism
 
-test-unit: venv
+test-unit: venv  ## the tests that need no data/ (tiny random Llama)
 	pytest -q tests -m "not integration"
 
-test-notebooks: data  ## run every pipeline notebook in order with its default (ci) parameters under nbval
+test-notebooks: data  ## run every pipeline notebook in order with its default (ci) parameters under nbval, in build/nbtest
 	rm -rf $(NBTEST) && mkdir -p $(NBTEST)/notebooks
 	cp notebooks/[0-9][0-9]_*.ipynb $(NBTEST)/notebooks/
 	pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(NBTEST)/notebooks
+
+determinism: data  ## the ci preset twice at once: under nbval and by `dvc repro`; every result table must be byte-identical
+	@mkdir -p build
+	@$(ONE_THREAD) $(MAKE) --no-print-directory test-notebooks > build/nbtest.log 2>&1 & nb=$$!; \
+	 $(ONE_THREAD) $(MAKE) --no-print-directory paper-ci > build/paper-ci.log 2>&1 & ci=$$!; \
+	 wait $$nb; nb_rc=$$?; wait $$ci; ci_rc=$$?; \
+	 tail -n 3 build/nbtest.log; tail -n 2 build/paper-ci.log; \
+	 if [ $$nb_rc -ne 0 ]; then tail -n 60 build/nbtest.log; echo "nbval failed (build/nbtest.log)"; exit 1; fi; \
+	 if [ $$ci_rc -ne 0 ]; then tail -n 40 build/paper-ci.log; echo "dvc repro of the ci preset failed (build/paper-ci.log)"; exit 1; fi
+	python scripts/compare_results.py $(NBTEST)/results $(CI_RUN)/results
+	cd $(CI_RUN) && dvc status --quiet  # the dvc run is complete: nothing left to reproduce
+
+lint:  ## ruff: lint and format check
+	ruff check src tests benchmarks scripts notebooks/src
+	ruff format --check src tests benchmarks scripts notebooks/src
+
+format:  ## ruff: fix what can be fixed and format
+	ruff check --fix src tests benchmarks scripts notebooks/src
+	ruff format src tests benchmarks scripts notebooks/src
+
+sync:  ## after editing notebooks/src/*.py: update each paired .ipynb (jupytext; JupyterLab keeps pairs in sync itself)
+	for f in notebooks/src/*.py; do jupytext --quiet --update --to ipynb -o notebooks/$$(basename $${f%.py}).ipynb $$f; done
 
 bench: data  ## speed benchmarks (results/bench/*.json)
 	python benchmarks/bench_gradients.py
@@ -54,15 +76,9 @@ data-record: venv  ## maintainers only: re-record data/ in data.dvc after changi
 	gradsense fetch-data || true
 	dvc add data
 
-lab: venv  ## JupyterLab on the notebooks
+lab: venv  ## JupyterLab on the notebooks (jupytext pairs each .ipynb with its notebooks/src script); as root add --allow-root
 	$(BIN)/pip install -q jupyterlab==4.6.6
 	jupyter lab notebooks/
 
 clean:
 	rm -rf build results figures .dvc/tmp
-
-determinism: data  ## the ci preset by `dvc repro`, then `dvc repro --force` again: every result table must be byte-identical
-	$(MAKE) --no-print-directory paper-ci
-	rm -rf build/ci-first && cp -r build/ci/results build/ci-first
-	cd build/ci && dvc repro --force
-	python scripts/compare_results.py build/ci-first build/ci/results

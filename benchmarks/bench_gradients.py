@@ -89,8 +89,9 @@ def main() -> None:
     layers = args.layers
 
     runs = {
-        "batched": lambda: activation_gradients(model, tokenizer, prompts, targets, layers, "last", args.batch_size,
-                                                progress=False),
+        "batched": lambda: activation_gradients(
+            model, tokenizer, prompts, targets, layers, "last", args.batch_size, progress=False
+        ),
         "loop": lambda: activation_gradients(model, tokenizer, prompts, targets, layers, "last", 1, progress=False),
         "bare": lambda: bare_pass(model, encoded, layers, full_logits=False),
         "bare_full_logits": lambda: bare_pass(model, encoded, layers, full_logits=True),
@@ -115,11 +116,18 @@ def main() -> None:
         time_ratio_vs_bare_full_logits=median["batched"] / median["bare_full_logits"],
         targets={"speedup_vs_loop_min": 3.5, "time_ratio_vs_bare_max": 1.15},
         meets_targets=bool(median["loop"] / median["batched"] >= 3.5 and median["batched"] / median["bare"] <= 1.15),
-        n_items=n, batch_size=args.batch_size, layers=layers, position="last", repeats=args.repeats,
+        n_items=n,
+        batch_size=args.batch_size,
+        layers=layers,
+        position="last",
+        repeats=args.repeats,
         statistic="median over repeats",
         machine={
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in load_after],
         },

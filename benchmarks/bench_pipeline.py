@@ -43,13 +43,17 @@ def main() -> None:
     out_path = ROOT / "results" / "bench" / "pipeline.json"
     report = json.loads(out_path.read_text()) if out_path.is_file() else {}
     report["machine"] = {
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     if args.ci:
         start = time.perf_counter()
         subprocess.run(["make", "--no-print-directory", "paper-ci"], cwd=ROOT, check=True)
-        report["ci"] = stage_records(ROOT / "build" / "ci") | {"make_paper_ci_wall_s": round(time.perf_counter() - start, 1)}
+        report["ci"] = stage_records(ROOT / "build" / "ci") | {
+            "make_paper_ci_wall_s": round(time.perf_counter() - start, 1)
+        }
     if args.full:
         report["full"] = stage_records(ROOT)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,18 +20,21 @@ import torch
 import yaml
 
 import gradsense
-from gradsense.models import data_dir
-from gradsense.projector import Describer, DescriberConfig, Projector, encode_interpretations, read_contexts
+from gradsense.describer import Describer, DescriberConfig, Projector
+from gradsense.files import write_text
+from gradsense.inputs import contexts_path, read_contexts
+from gradsense.paths import Paths
+from gradsense.prompt import encode_interpretations
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def inputs(n: int, d_model: int, layer: int) -> tuple[np.ndarray, list[str]]:
     """Gradients and labels of the pipeline's first n labelled items, or random ones before the pipeline ran."""
-    grads_file, labels_file = ROOT / "results/gradients/gradients.npz", ROOT / "results/oracle/labels.jsonl"
+    grads_file, labels_file = Paths(ROOT).gradients, Paths(ROOT).labels
     if grads_file.is_file() and labels_file.is_file():
         from gradsense.gradients import load_gradients
-        from gradsense.projector import read_labels
+        from gradsense.inputs import read_labels
 
         arrays = load_gradients(grads_file)
         labels = read_labels(labels_file)
@@ -48,16 +51,22 @@ def bench(model, tokenizer, precision: str, settings: dict, steps: int, batch: i
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     d_model = model.config.hidden_size
-    config = DescriberConfig(source_layer=settings["inject_layer"], inject_layer=settings["inject_layer"],
-                             k=settings["k"], precision=precision)
+    config = DescriberConfig(
+        source_layer=settings["inject_layer"],
+        inject_layer=settings["inject_layer"],
+        k=settings["k"],
+        precision=precision,
+    )
     describer = Describer(model, tokenizer, Projector(d_model, config.k), config)
     optimizer = torch.optim.AdamW(describer.projector.parameters(), lr=settings["lr"])
     grads, labels = inputs(batch * (steps + 1), d_model, settings["inject_layer"])
     times, tokens = [], []
     for step in range(steps + 1):
         part = slice(step * batch, (step + 1) * batch)
-        contexts = [pool[int(rng.integers(len(pool)))] if rng.random() < settings["context_share"] else None
-                    for _ in range(batch)]
+        contexts = [
+            pool[int(rng.integers(len(pool)))] if rng.random() < settings["context_share"] else None
+            for _ in range(batch)
+        ]
         encoded, _ = encode_interpretations(tokenizer, config, contexts, labels[part], settings["max_label_tokens"])
         start = time.perf_counter()
         vectors = describer.projector(torch.as_tensor(grads[part], device=describer.device))
@@ -68,9 +77,15 @@ def bench(model, tokenizer, precision: str, settings: dict, steps: int, batch: i
         if step:  # the first step warms up kernels and allocations
             times.append(time.perf_counter() - start)
             tokens.append(int(encoded.attention_mask.sum()))
-    return {"precision": precision, "steps": steps, "batch_size": batch,
-            "seconds_per_step": float(np.median(times)), "tokens_per_step": float(np.mean(tokens)),
-            "tokens_per_s": float(np.sum(tokens) / np.sum(times)), "rows_per_s": float(batch * steps / np.sum(times))}
+    return {
+        "precision": precision,
+        "steps": steps,
+        "batch_size": batch,
+        "seconds_per_step": float(np.median(times)),
+        "tokens_per_step": float(np.mean(tokens)),
+        "tokens_per_s": float(np.sum(tokens) / np.sum(times)),
+        "rows_per_s": float(batch * steps / np.sum(times)),
+    }
 
 
 def main() -> None:
@@ -82,23 +97,29 @@ def main() -> None:
     settings = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
     batch = args.batch_size or settings["batch_size"]
     model, tokenizer = gradsense.load_model(None, device=args.device)
-    contexts = read_contexts(data_dir() / "facts" / "contexts.csv")
+    contexts = read_contexts(contexts_path())
     pool = contexts.loc[contexts["pool"] == "neutral", "text"].tolist()
     runs = [bench(model, tokenizer, p, settings, args.steps, batch, pool) for p in ("fp32", "bf16")]
     report = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "device": str(next(model.parameters()).device),
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "load_average": os.getloadavg()},
-        "inject_layer": settings["inject_layer"], "k": settings["k"], "max_label_tokens": settings["max_label_tokens"],
-        "runs": runs, "bf16_speedup": runs[0]["seconds_per_step"] / runs[1]["seconds_per_step"],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "device": str(next(model.parameters()).device),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average": os.getloadavg(),
+        },
+        "inject_layer": settings["inject_layer"],
+        "k": settings["k"],
+        "max_label_tokens": settings["max_label_tokens"],
+        "runs": runs,
+        "bf16_speedup": runs[0]["seconds_per_step"] / runs[1]["seconds_per_step"],
     }
-    pipeline_timing = ROOT / "results/train/timing.json"
+    pipeline_timing = Paths(ROOT).results("train") / "timing.json"
     if pipeline_timing.is_file():
         report["pipeline_train_stage"] = json.loads(pipeline_timing.read_text())
-    out = ROOT / "results/bench/training.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    out = Paths(ROOT).results("bench") / "training.json"
+    write_text(out, json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(json.dumps(report, indent=2, sort_keys=True))
 
 

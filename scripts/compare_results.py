@@ -24,8 +24,10 @@ def main(a: str, b: str) -> int:
     left, right = tables(Path(a)), tables(Path(b))
     different = sorted(k for k in left.keys() & right.keys() if left[k] != right[k])
     missing = sorted(left.keys() ^ right.keys())
-    print(f"{len(left.keys() & right.keys()) - len(different)} tables identical, {len(different)} differ, "
-          f"{len(missing)} in one run only")
+    print(
+        f"{len(left.keys() & right.keys()) - len(different)} tables identical, {len(different)} differ, "
+        f"{len(missing)} in one run only"
+    )
     for name in different:
         print(f"  differs: {name}")
     for name in missing:

@@ -2,7 +2,9 @@
 
 import pytest
 
-from gradsense.models import load_model, tiny_llama
+from gradsense.models import load_model
+
+from tiny_model import tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -12,6 +14,13 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
-def smol():
-    """(model, tokenizer): the real SmolLM2-135M-Instruct from data/ (run `make data` first)."""
+def _smol():
     return load_model(None, device="cpu")
+
+
+@pytest.fixture
+def smol(request, _smol):
+    """(model, tokenizer): the real SmolLM2-135M-Instruct from data/ (run `make data` first); integration tests only."""
+    if request.node.get_closest_marker("integration") is None:
+        pytest.fail("a test that loads the real model needs @pytest.mark.integration (it needs data/)")
+    return _smol

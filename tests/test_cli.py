@@ -6,10 +6,15 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
+import gradsense.items
+from gradsense.checkpoint import save_checkpoint
 from gradsense.cli import main
-from gradsense.models import tiny_llama
-from gradsense.projector import DescriberConfig, TrainConfig, save_checkpoint, train_projector
+from gradsense.describer import DescriberConfig
+from gradsense.training import TrainConfig, train_projector
+
+from tiny_model import tiny_llama
 
 ITEMS = [
     {"id": "paris", "prompt": "The capital of France is", "right": "Paris", "wrong": "London"},
@@ -21,14 +26,19 @@ ITEMS = [
     },
     {"id": 3, "prompt": "Insulin is produced by the", "right": "pancreas"},
 ]
-FIELDS = {"id", "description", "domain", "from", "to"}
+FIELDS = ("id", "description", "domain", "from", "to")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A checkpoint whose metadata names a saved tiny model folder, so the CLI loads everything by itself."""
+    """A checkpoint whose metadata names a saved tiny model folder, so the CLI loads everything by itself. The model's
+    weights are large enough that its greedy tokens depend on what is injected."""
     root = tmp_path_factory.mktemp("cli")
     model, tok = tiny_llama(seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     grads = np.random.default_rng(0).standard_normal((6, model.config.hidden_size)).astype(np.float32)
@@ -45,97 +55,128 @@ def write_items(path, items):
     return path
 
 
-def test_describe_jsonl_writes_every_field(checkpoint, tmp_path, capsys):
-    out = tmp_path / "out.jsonl"
-    code = main(
-        [
-            "describe",
-            "--input",
-            str(write_items(tmp_path / "in.jsonl", ITEMS)),
-            "--output",
-            str(out),
-            "--checkpoint",
-            str(checkpoint),
-            "--max-new-tokens",
-            "6",
-        ]
-    )
-    assert code == 0, capsys.readouterr().err
-    strict = {"parse_constant": lambda c: pytest.fail(f"invalid JSON constant {c}")}  # NaN is not JSON
-    records = [json.loads(line, **strict) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in records] == ["paris", "hastings", 3]
-    assert all(set(r) == FIELDS and isinstance(r["description"], str) for r in records)
-    # a tiny untrained describer rarely writes the head: its unparsed fields are null, never NaN
-    assert all(r[k] is None or isinstance(r[k], str) for r in records for k in ("domain", "from", "to"))
-    assert "3 descriptions written" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("flag", ["--no-inject", "--noise", "--shuffle"])
-def test_describe_controls(checkpoint, tmp_path, flag):
-    out = tmp_path / "out.jsonl"
+def run(checkpoint, tmp_path, *flags, items=ITEMS, name="out.jsonl"):
+    """Exit code and the output records of `describe --input … --output …` with `flags`."""
+    out = tmp_path / name
     args = [
         "describe",
         "--input",
-        str(write_items(tmp_path / "in.jsonl", ITEMS)),
+        str(write_items(tmp_path / "in.jsonl", items)),
         "--output",
         str(out),
         "--checkpoint",
         str(checkpoint),
         "--max-new-tokens",
-        "4",
-        flag,
+        "6",
+        *flags,
     ]
-    assert main(args) == 0 and len(out.read_text().splitlines()) == len(ITEMS)
+    code = main(args)
+    strict = {"parse_constant": lambda c: pytest.fail(f"invalid JSON constant {c}")}  # NaN is not JSON
+    return code, [json.loads(line, **strict) for line in out.read_text().splitlines()] if out.exists() else None
 
 
-def test_describe_one_prompt_prints_the_description(checkpoint, capsys):
-    code = main(
-        [
-            "describe",
-            "--prompt",
-            "The capital of France is",
-            "--right",
-            "Paris",
-            "--wrong",
-            "London",
-            "--context",
-            "The kettle boiled.",
-            "--checkpoint",
-            str(checkpoint),
-            "--max-new-tokens",
-            "4",
-        ]
-    )
-    captured = capsys.readouterr()
-    assert code == 0 and captured.out.endswith("\n") and "error" not in captured.err
+def test_describe_jsonl_writes_every_field_in_order(checkpoint, tmp_path, capsys):
+    code, records = run(checkpoint, tmp_path)
+    assert code == 0, capsys.readouterr().err
+    assert [r["id"] for r in records] == ["paris", "hastings", 3]
+    assert all(tuple(r) == FIELDS and r["description"].startswith("domain:") for r in records)
+    assert all(r[k] is None or isinstance(r[k], str) for r in records for k in ("domain", "from", "to"))
+    assert "3 descriptions written" in capsys.readouterr().out
+
+
+def test_the_injection_reaches_the_model_and_the_controls_change_it(checkpoint, tmp_path):
+    _, injected = run(checkpoint, tmp_path, name="injected.jsonl")
+    _, again = run(checkpoint, tmp_path, name="again.jsonl")
+    _, none = run(checkpoint, tmp_path, "--no-inject", name="none.jsonl")
+    _, noise = run(checkpoint, tmp_path, "--noise", name="noise.jsonl")
+    _, shuffled = run(checkpoint, tmp_path, "--shuffle", name="shuffle.jsonl")
+    text = {
+        name: [r["description"] for r in rows]
+        for name, rows in {
+            "injected": injected,
+            "again": again,
+            "none": none,
+            "noise": noise,
+            "shuffle": shuffled,
+        }.items()
+    }
+    assert text["again"] == text["injected"]  # greedy: the same input says the same thing
+    assert text["none"] != text["injected"] and text["noise"] != text["injected"]
+    assert text["shuffle"] != text["injected"]
+    assert text["none"][0] == text["none"][2]  # without injection, two items without context read the same prompt
+    assert text["injected"][0] != text["injected"][2]  # with it, their gradients make the difference
+
+
+def test_describe_one_prompt_prints_its_description(checkpoint, tmp_path, capsys):
+    single = [
+        "describe",
+        "--prompt",
+        ITEMS[0]["prompt"],
+        "--right",
+        "Paris",
+        "--wrong",
+        "London",
+        "--checkpoint",
+        str(checkpoint),
+        "--max-new-tokens",
+        "6",
+    ]
+    assert main(single) == 0
+    printed = capsys.readouterr().out
+    _, records = run(checkpoint, tmp_path, items=ITEMS[:1])
+    assert printed == records[0]["description"] + "\n"  # the same item, the same description
+    assert main([*single, "--context", "The kettle boiled."]) == 0
+    assert capsys.readouterr().out != printed  # the context passage is read
 
 
 def test_malformed_lines_are_named_and_no_output_is_written(checkpoint, tmp_path, capsys):
     bad = tmp_path / "in.jsonl"
-    bad.write_text(json.dumps(ITEMS[0]) + "\n{oops\n" + json.dumps({"id": "x", "prompt": "", "right": "a"}) + "\n")
+    bad.write_text(
+        json.dumps(ITEMS[0])
+        + "\n"
+        + json.dumps({"id": "x", "prompt": "", "right": "a"})
+        + "\n"
+        + json.dumps({"id": "y", "prompt": "p"})
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
     assert main(["describe", "--input", str(bad), "--output", str(out), "--checkpoint", str(checkpoint)]) == 1
     err = capsys.readouterr().err
-    assert "line 2" in err and "line 3" in err and len(err.strip().splitlines()) == 1
+    assert "2 malformed line(s)" in err and "line 2: field 'prompt'" in err and "line 3: missing field 'right'" in err
+    assert len(err.strip().splitlines()) == 1
+    bad.write_text(json.dumps(ITEMS[0]) + "\n{oops\n")
+    assert main(["describe", "--input", str(bad), "--output", str(out), "--checkpoint", str(checkpoint)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not valid JSON" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]
+
+
+def test_an_output_folder_that_cannot_be_made_fails_before_any_computation(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gradsense.items, "describe", lambda *a, **k: pytest.fail("the describer ran"))
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "sub" / "out.jsonl"
+    items = str(write_items(tmp_path / "in.jsonl", ITEMS))
+    assert main(["describe", "--input", items, "--output", str(out), "--checkpoint", str(checkpoint)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gradsense: error: cannot create the folder of") and str(out) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_prompt_longer_than_the_context_window_is_named(checkpoint, tmp_path, capsys):
+    long = {"id": "essay", "prompt": "word " * 300, "right": "x"}  # the tiny model has 256 positions
+    code, records = run(checkpoint, tmp_path, items=[ITEMS[0], long])
+    err = capsys.readouterr().err.splitlines()[-1]  # after the model loader's progress bar
+    assert code == 1 and records is None
+    assert (
+        err
+        == "gradsense: error: item 'essay': prompt + answer is 1,502 tokens, over the model's context window of 256 positions"
+    )
 
 
 def test_bad_checkpoints_and_arguments(checkpoint, tmp_path, capsys):
     items = str(write_items(tmp_path / "in.jsonl", ITEMS[:1]))
-    assert (
-        main(
-            [
-                "describe",
-                "--input",
-                items,
-                "--output",
-                str(tmp_path / "o.jsonl"),
-                "--checkpoint",
-                str(tmp_path / "none"),
-            ]
-        )
-        == 1
-    )
+    out = str(tmp_path / "o.jsonl")
+    assert main(["describe", "--input", items, "--output", out, "--checkpoint", str(tmp_path / "none")]) == 1
     assert "missing" in capsys.readouterr().err
     other = tmp_path / "other"
     other.mkdir()
@@ -143,9 +184,12 @@ def test_bad_checkpoints_and_arguments(checkpoint, tmp_path, capsys):
     meta["fingerprint"]["d_model"] = 999  # a projector trained for another model
     (other / "meta.json").write_text(json.dumps(meta))
     (other / "projector.pt").write_bytes((checkpoint / "projector.pt").read_bytes())
-    assert main(["describe", "--input", items, "--output", str(tmp_path / "o.jsonl"), "--checkpoint", str(other)]) == 1
+    assert main(["describe", "--input", items, "--output", out, "--checkpoint", str(other)]) == 1
     assert "another model" in capsys.readouterr().err
     assert main(["describe", "--prompt", "x", "--checkpoint", str(checkpoint)]) == 1  # no --right
+    assert "give either" in capsys.readouterr().err
+    assert main(["describe", "--input", items, "--checkpoint", str(checkpoint)]) == 1  # no --output
+    assert "give either" in capsys.readouterr().err
     assert (
         main(["describe", "--shuffle", "--prompt", "The sky is", "--right", "blue", "--checkpoint", str(checkpoint)])
         == 1
@@ -154,11 +198,12 @@ def test_bad_checkpoints_and_arguments(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_console_script_runs(checkpoint, tmp_path):
-    gradsense = [sys.executable, "-m", "gradsense.cli"]
+def test_console_script_runs(checkpoint):
     done = subprocess.run(
         [
-            *gradsense,
+            sys.executable,
+            "-m",
+            "gradsense.cli",
             "describe",
             "--prompt",
             "The sky is",
@@ -173,4 +218,4 @@ def test_console_script_runs(checkpoint, tmp_path):
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0 and done.stdout.startswith("domain:"), done.stderr

@@ -8,11 +8,27 @@ import pandas as pd
 import pytest
 
 from gradsense.corrections import (
-    COLUMNS, FACT_COLUMNS, build_corrections, corrections_table, heldout_domain_masks, heldout_templates,
-    load_corrections, load_facts, read_fact_table, record_belief, sample_facts, save_corrections, summarize,
+    COLUMNS,
+    FACT_COLUMNS,
+    belief_by_domain,
+    build_corrections,
+    corrections_facts,
+    corrections_table,
+    fact_margins,
+    heldout_domain_masks,
+    heldout_templates,
+    load_corrections,
+    load_facts,
+    read_fact_table,
+    record_belief,
+    sample_facts,
+    save_corrections,
+    summarize,
+    template_counts,
 )
 from gradsense.errors import GradsenseError
-from gradsense.scoring import score_targets, target_text
+
+from tiny_model import CharTokenizer
 
 SOURCES = Path(__file__).resolve().parents[1] / "sources" / "facts"
 
@@ -90,8 +106,10 @@ def test_no_subject_in_two_splits(table):
 
 def test_subject_shared_across_domains_stays_in_one_split():
     facts = pd.DataFrame(
-        [("The capital of {} is", "Kenya", "Nairobi", "Mombasa", "geography"),
-         ("The first president of {} was", "Kenya", "Jomo Kenyatta", "Daniel arap Moi", "history")]
+        [
+            ("The capital of {} is", "Kenya", "Nairobi", "Mombasa", "geography"),
+            ("The first president of {} was", "Kenya", "Jomo Kenyatta", "Daniel arap Moi", "history"),
+        ]
         + [("The capital of {} is", f"Country{i}", "A", "B", "geography") for i in range(8)]
         + [("The first president of {} was", f"Country{i}x", "A", "B", "history") for i in range(8)],
         columns=FACT_COLUMNS,
@@ -249,31 +267,76 @@ def test_save_is_atomic_and_checks_the_contract(tmp_path, tiny):
 # --- the model's belief -----------------------------------------------------------------------------------------
 
 
-def test_belief_columns_on_the_tiny_model(tiny):
-    model, tokenizer = tiny
-    table = corrections_table(model, tokenizer, small_facts(), batch_size=3)
-    assert list(table.columns) == COLUMNS
-    logps = table[["logp_target", "logp_source"]].to_numpy()
-    assert np.isfinite(logps).all() and (logps < 0).all()
-    assert (table["model_prefers_target"] == (table["logp_target"] > table["logp_source"])).all()
-    # The two directions of a fact carry the same two numbers, swapped.
-    pairs = table.pivot(index="fact_id", columns="direction", values=["logp_target", "logp_source"])
-    np.testing.assert_array_equal(pairs["logp_target"]["correct"], pairs["logp_source"]["counterfactual"])
-    # Length-sorted batching gives what scoring each item alone gives.
-    correct = table[table["direction"] == "correct"]
-    alone = [
-        score_targets(model, tokenizer, [p], [target_text(t)])["logp"][0]
-        for p, t in zip(correct["prompt"], correct["target"])
+def fake_scores(model, tokenizer, prompts, targets, batch_size=32):
+    """A stand-in for `score_targets`: log p = −(length of the continuation), greedy only for " Paris"."""
+    return {
+        "logp": np.array([-float(len(t)) for t in targets]),
+        "greedy": np.array([t == " Paris" for t in targets]),
+        "n_tokens": np.array([len(t) for t in targets]),
+    }
+
+
+def test_belief_columns_follow_the_direction(monkeypatch):
+    monkeypatch.setattr("gradsense.corrections.score_targets", fake_scores)
+    table = record_belief(build_corrections(small_facts()), None, CharTokenizer(), batch_size=1)
+    rows = table.set_index("id")
+    # France: right " Paris" (6 characters), wrong " London" (7). correct: target Paris; counterfactual: target London.
+    france_correct, france_counter = rows.loc["t-0000-correct"], rows.loc["t-0000-counterfactual"]
+    assert (france_correct["logp_target"], france_correct["logp_source"]) == (-6.0, -7.0)
+    assert (france_counter["logp_target"], france_counter["logp_source"]) == (-7.0, -6.0)
+    assert france_correct["model_prefers_target"] and not france_counter["model_prefers_target"]
+    assert france_correct["greedy_target"] and not france_counter["greedy_target"]
+    # Hastings: " 1066" and " 1067" tie at −5: neither answer is preferred in either direction.
+    hastings = rows.loc[["t-0002-correct", "t-0002-counterfactual"]]
+    assert (hastings["logp_target"] == -5.0).all() and not hastings["model_prefers_target"].any()
+    # Insulin, scored in length order and put back in place: right " pancreas" (−9), wrong " liver" (−6).
+    assert (
+        rows.loc["t-0003-correct", "logp_target"] == -9.0 and rows.loc["t-0003-counterfactual", "logp_target"] == -6.0
+    )
+
+
+def belief_table() -> pd.DataFrame:
+    """Three facts with known log-probabilities (margin = log p(right) − log p(wrong): +2, −1, +3)."""
+    rows = [
+        # fact, domain, split, direction, logp_target, logp_source, greedy_target
+        ("g1", "geo", "train", "correct", -1.0, -3.0, True),
+        ("g1", "geo", "train", "counterfactual", -3.0, -1.0, False),
+        ("g2", "geo", "test", "correct", -2.0, -1.0, False),
+        ("g2", "geo", "test", "counterfactual", -1.0, -2.0, True),
+        ("h1", "hist", "train", "counterfactual", -4.0, -1.0, False),  # one direction only, right = source
     ]
-    np.testing.assert_allclose(correct["logp_target"], alone, rtol=1e-4, atol=1e-4)
+    table = pd.DataFrame(
+        rows, columns=["fact_id", "domain", "split", "direction", "logp_target", "logp_source", "greedy_target"]
+    )
+    return table.assign(relation="{} r", template_split="train")
 
 
-def test_summary_counts(tiny):
-    model, tokenizer = tiny
-    table = corrections_table(model, tokenizer, small_facts())
-    summary = summarize(table)
-    assert summary["n_facts"].sum() == 4 and summary["n_rows"].sum() == 8
-    assert summary["prefers_right"].between(0, 1).all()
+def test_summary_counts_and_belief_by_hand():
+    summary = summarize(belief_table()).set_index(["domain", "split"])
+    assert summary.loc[("geo", "train"), ["n_facts", "n_rows"]].tolist() == [1, 2]
+    assert summary.loc[("geo", "train"), "prefers_right"] == 1.0 and summary.loc[("geo", "train"), "median_margin"] == 2
+    assert summary.loc[("geo", "test"), "prefers_right"] == 0.0 and summary.loc[("geo", "test"), "median_margin"] == -1
+    assert summary.loc[("geo", "train"), "greedy_right"] == 1.0 and summary.loc[("geo", "test"), "greedy_right"] == 0.0
+    assert summary.loc[("hist", "train"), "median_margin"] == 3  # right is the source of a counterfactual row
+    by_domain = belief_by_domain(belief_table()).set_index("domain")
+    assert by_domain.loc["geo", ["n_facts", "n_rows", "prefers_right", "median_margin"]].tolist() == [2, 4, 0.5, 0.5]
+
+
+def test_fact_margins_and_key_facts():
+    table = belief_table()
+    assert fact_margins(table)["margin"].tolist() == [2.0, -1.0, 3.0]
+    facts = corrections_facts(table, "hist")
+    assert (facts["n_rows"], facts["n_facts"], facts["heldout_domain_rows"]) == (5, 3, 1)
+    assert facts["prefers_right"] == pytest.approx(2 / 3) and facts["domains"] == ["geo", "hist"]
+    assert facts["heldout_templates"] == {}  # one template per domain: none held out
+    with pytest.raises(GradsenseError, match="held-out domain 'bio'"):
+        corrections_facts(table, "bio")
+
+
+def test_template_counts():
+    table = build_corrections(small_facts())
+    counts = template_counts(table).set_index(["domain", "relation"])["n_facts"]
+    assert counts[("geography", "The capital of {} is")] == 2 and counts.sum() == 4
 
 
 @pytest.mark.integration

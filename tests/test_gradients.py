@@ -1,7 +1,5 @@
 """Activation gradients are the exact per-item gradients: batched = loop, = finite differences, at the right site."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -15,8 +13,9 @@ from gradsense.gradients import (
     target_loss,
 )
 from gradsense.hooks import edit_block_output
-from gradsense.models import tiny_llama
 from gradsense.scoring import encode, forward, target_nll, target_text
+
+from tiny_model import tiny_llama
 
 # Prompts of different lengths and multi-token targets (the byte tokenizer splits every answer into many tokens).
 PROMPTS = ["The capital of France is", "Hi", "The Battle of Hastings took place in", "Cells store energy as", "Zz"]
@@ -217,14 +216,25 @@ def test_correction_gradients_steering_and_npz_round_trip(tiny, tmp_path):
     from gradsense.gradients import correction_gradients, correction_steering, load_gradients, save_gradients
 
     model, tokenizer = tiny
-    table = pd.DataFrame({
-        "id": ["f1-c", "f1-x", "f2-c"], "prompt": ["Paris is in", "Paris is in", "Bees make"],
-        "target": ["France", "Spain", "honey"], "source": ["Spain", "France", "wax"],
-    })
+    table = pd.DataFrame(
+        {
+            "id": ["f1-c", "f1-x", "f2-c"],
+            "prompt": ["Paris is in", "Paris is in", "Bees make"],
+            "target": ["France", "Spain", "honey"],
+            "source": ["Spain", "France", "wax"],
+        }
+    )
     result = correction_gradients(model, tokenizer, table, [1, 2], progress=False)
     steer = correction_steering(model, tokenizer, table, [1, 2], progress=False)
-    direct = steering_vectors(model, tokenizer, table["prompt"].tolist(), [target_text(a) for a in table["target"]],
-                              [target_text(a) for a in table["source"]], [1, 2], progress=False)
+    direct = steering_vectors(
+        model,
+        tokenizer,
+        table["prompt"].tolist(),
+        [target_text(a) for a in table["target"]],
+        [target_text(a) for a in table["source"]],
+        [1, 2],
+        progress=False,
+    )
     np.testing.assert_allclose(steer, direct, atol=1e-6)
     np.testing.assert_allclose(steer[:, 0], -steer[:, 1], atol=1e-6)  # the same fact in both directions
     path = save_gradients(tmp_path / "g.npz", result, steer)
@@ -243,12 +253,17 @@ def test_balanced_subset_keeps_whole_facts_and_order():
 
     from gradsense.gradients import balanced_subset
 
-    table = pd.DataFrame({
-        "id": [f"{f}-{d}" for f in range(12) for d in "cx"], "fact_id": [f for f in range(12) for _ in "cx"],
-        "domain": [("geo", "bio", "art")[f % 3] for f in range(12) for _ in "cx"],
-    })
+    table = pd.DataFrame(
+        {
+            "id": [f"{f}-{d}" for f in range(12) for d in "cx"],
+            "fact_id": [f for f in range(12) for _ in "cx"],
+            "domain": [("geo", "bio", "art")[f % 3] for f in range(12) for _ in "cx"],
+        }
+    )
     subset = balanced_subset(table, 12)
-    assert len(subset) <= 12 and subset["domain"].value_counts().nunique() == 1
+    # 12 rows / (2 rows per fact × 3 domains) = 2 facts per domain, the first in table order: geo 0, 3; bio 1, 4; art
+    # 2, 5.
+    assert subset["fact_id"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert subset.groupby("fact_id").size().eq(2).all()
     assert subset["id"].tolist() == [i for i in table["id"] if i in set(subset["id"])]
     assert balanced_subset(table, None).equals(table) and len(balanced_subset(table, 100)) == len(table)

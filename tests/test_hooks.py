@@ -73,3 +73,30 @@ def test_inject_norm_match_scales_to_the_residual(tiny, no_leak):
     assert torch.allclose(delta[0, 1].norm(), clean[2][0, 1].norm(), rtol=1e-4)  # direction kept, norm of residual
     assert torch.allclose(delta[0, 1] / delta[0, 1].norm(), vectors[0, 0] / vectors[0, 0].norm(), atol=1e-5)
     assert delta[0, 2].abs().max() == 0  # a zero vector stays zero
+
+
+def test_inject_nothing_registers_no_hook(tiny, no_leak):
+    model, _ = tiny
+    ids = torch.tensor([[3, 4, 5, 6]])
+    base = model(ids).logits
+    with inject(model, 1, torch.tensor([[1]]), None, norm_match=True):
+        assert _our_hooks(model) == []
+        assert torch.equal(model(ids).logits, base)
+
+
+def test_inject_adds_once_during_cached_generation(tiny, no_leak):
+    """With a KV cache the injected positions are computed once: decode steps see them in the cache, unchanged."""
+    model, _ = tiny
+    ids = torch.tensor([[3, 4, 5, 6]])
+    vectors = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 50
+    positions = torch.tensor([[1]])
+    options = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    with inject(model, 1, positions, vectors):
+        cached = model.generate(ids, use_cache=True, **options)
+        uncached = model.generate(ids, use_cache=False, **options)
+    plain = model.generate(ids, **options)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-4)
+    # The injection moved every step's next-token scores (not only the first): it stays in the cache.
+    moved = (torch.stack(cached.scores) - torch.stack(plain.scores)).abs().amax(dim=(1, 2))
+    assert (moved > 1e-3).all()

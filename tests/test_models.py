@@ -5,8 +5,7 @@ import shutil
 import pytest
 import torch
 
-from gradsense import GradsenseError, load_model
-from gradsense import models
+from gradsense import GradsenseError, load_model, models
 from gradsense.models import architecture, blocks, check_layer, n_layers, resolve_device
 
 

@@ -1,4 +1,4 @@
-"""The virtual step (single and batched), its controls, the α rule, the real-step check and bad input."""
+"""The virtual step (single and batched), its controls, the α and layer rules, observed tokens and bad input."""
 
 import numpy as np
 import pandas as pd
@@ -8,20 +8,16 @@ import torch
 from gradsense.errors import GradsenseError
 from gradsense.gradients import activation_gradients
 from gradsense.oracle import (
-    _step_edit,
     check_alphas,
     choose_alpha,
-    faithfulness,
-    first_visible_token,
-    item_shifts,
-    observed_tokens,
-    real_step_validity,
-    stratified_sample,
+    choose_layer,
+    step_edit,
     unit_directions,
     virtual_step,
     virtual_steps,
 )
 from gradsense.scoring import target_text
+from gradsense.shifts import item_shifts, observed_tokens
 
 PROMPTS = ["The cat sat on", "A b", "Hello there, my friend is"]
 TARGETS = ["mat", "cde", "Bob"]
@@ -32,7 +28,9 @@ LAYER = 2
 @pytest.fixture(scope="module")
 def grads(tiny):
     model, tok = tiny
-    return activation_gradients(model, tok, PROMPTS, [target_text(t) for t in TARGETS], [LAYER], progress=False).grads[0]
+    return activation_gradients(model, tok, PROMPTS, [target_text(t) for t in TARGETS], [LAYER], progress=False).grads[
+        0
+    ]
 
 
 def test_alpha_zero_changes_nothing(tiny, grads):
@@ -45,7 +43,7 @@ def test_alpha_zero_changes_nothing(tiny, grads):
 def test_step_moves_h_by_alpha_times_its_norm():
     hidden = torch.randn(2, 5, 8)
     unit = unit_directions(torch.randn(2, 8))
-    out = _step_edit(torch.tensor([4, 2]), unit, torch.tensor([0.1, 0.5]))(hidden)
+    out = step_edit(torch.tensor([4, 2]), unit, torch.tensor([0.1, 0.5]))(hidden)
     moved = (out - hidden).norm(dim=-1)
     assert torch.allclose(moved[0, 4], 0.1 * hidden[0, 4].norm(), rtol=1e-5)
     assert torch.allclose(moved[1, 2], 0.5 * hidden[1, 2].norm(), rtol=1e-5)
@@ -56,11 +54,14 @@ def test_step_moves_h_by_alpha_times_its_norm():
 def test_batched_equals_single(tiny, grads):
     model, tok = tiny
     alpha = 0.05
-    table = virtual_steps(model, tok, PROMPTS, TARGETS, SOURCES, grads, LAYER, [alpha], top_k=3, min_prob=0.0,
-                          progress=False)
+    table = virtual_steps(
+        model, tok, PROMPTS, TARGETS, SOURCES, grads, LAYER, [alpha], top_k=3, min_prob=0.0, progress=False
+    )
     grad_rows = table[table["control"] == "gradient"].set_index("item")
     # Source rows are run for the −g steps only: the controls are judged on the target.
-    assert grad_rows["dlogp_source"].notna().all() and table[table["control"] != "gradient"]["dlogp_source"].isna().all()
+    assert (
+        grad_rows["dlogp_source"].notna().all() and table[table["control"] != "gradient"]["dlogp_source"].isna().all()
+    )
     for i, prompt in enumerate(PROMPTS):
         single = virtual_step(model, tok, prompt, grads[i], LAYER, alpha)
         kl = float((single.logp_new.exp() * single.dlogp).sum())
@@ -68,8 +69,18 @@ def test_batched_equals_single(tiny, grads):
         assert grad_rows.loc[i, "up_ids"][0] == int(single.dlogp.argmax())
         assert grad_rows.loc[i, "top1"] == int(single.logp_new.argmax())
         # One item alone (no padding) gives the same target/source shift as inside the padded batch.
-        alone = virtual_steps(model, tok, [prompt], [TARGETS[i]], [SOURCES[i]], grads[i : i + 1], LAYER, [alpha],
-                              controls=("gradient",), progress=False)
+        alone = virtual_steps(
+            model,
+            tok,
+            [prompt],
+            [TARGETS[i]],
+            [SOURCES[i]],
+            grads[i : i + 1],
+            LAYER,
+            [alpha],
+            controls=("gradient",),
+            progress=False,
+        )
         assert alone["dlogp_target"][0] == pytest.approx(grad_rows.loc[i, "dlogp_target"], abs=1e-4)
         assert alone["dlogp_source"][0] == pytest.approx(grad_rows.loc[i, "dlogp_source"], abs=1e-4)
 
@@ -98,8 +109,11 @@ def test_random_controls_are_seeded(tiny, grads):
 
 
 def test_choose_alpha_rule():
-    rows = [{"control": "gradient", "alpha": a, "dlogp_target": v}
-            for a, vals in {0.01: [0.2, 0.5, 0.9], 0.03: [0.8, 1.2, 1.5], 0.1: [2, 3, 4]}.items() for v in vals]
+    rows = [
+        {"control": "gradient", "alpha": a, "dlogp_target": v}
+        for a, vals in {0.01: [0.2, 0.5, 0.9], 0.03: [0.8, 1.2, 1.5], 0.1: [2, 3, 4]}.items()
+        for v in vals
+    ]
     table = pd.DataFrame(rows + [{"control": "random", "alpha": 0.01, "dlogp_target": 9.0}])
     chosen = choose_alpha(table, 1.0)
     assert chosen["alpha"] == 0.03 and chosen["rule_met"] and chosen["median_gain"] == pytest.approx(1.2)
@@ -107,44 +121,40 @@ def test_choose_alpha_rule():
     assert unmet["alpha"] == 0.1 and not unmet["rule_met"]
 
 
+def test_choose_layer_rule():
+    assert choose_layer([7, 15, 22]) == 15 and choose_layer([7, 15]) == 15 and choose_layer([3]) == 3
+    assert choose_layer([7, 15, 22], 22) == 22
+    with pytest.raises(GradsenseError, match="oracle layer 9 is not among"):
+        choose_layer([7, 15, 22], 9)
+
+
 def test_observed_tokens_extend_whitespace(tiny, grads):
     model, tok = tiny
     space = tok(" ", add_special_tokens=False)["input_ids"][0]
     letter = tok("q", add_special_tokens=False)["input_ids"][0]
-    to, frm = observed_tokens(model, tok, PROMPTS[:1], grads[:1], LAYER, 0.1, [space], [letter], min_prob=0.0)
-    assert frm == ["q"]
-    assert to[0] != "" and tok.decode([space]) + to[0] == tok.decode([space]) + to[0].strip()
+    alpha = 0.1
+    to, frm = observed_tokens(model, tok, PROMPTS[:1], grads[:1], LAYER, alpha, [space], [letter], min_prob=0.0)
+    assert frm == ["q"]  # a visible token is reported as it is
+    # The bare space is extended by the token the same step (at the last prompt token) pushes up most right after it:
+    # by hand, the prompt followed by " ", stepped at its second-to-last position, read at the last.
+    after_space = virtual_step(model, tok, PROMPTS[0] + " ", grads[0], LAYER, alpha, position=-2)
+    assert to == [tok.decode([space, int(after_space.dlogp.argmax())]).strip()]
+    # Demoted side: the token pushed down most after the space.
+    to, frm = observed_tokens(model, tok, PROMPTS[:1], grads[:1], LAYER, alpha, [letter], [space], min_prob=0.0)
+    assert to == ["q"] and frm == [tok.decode([space, int(after_space.dlogp.argmin())]).strip()]
 
 
-def test_item_shifts_and_faithfulness(tiny, grads):
+def test_item_shifts(tiny, grads):
     model, tok = tiny
     shifts = item_shifts(model, tok, PROMPTS, TARGETS, SOURCES, grads, LAYER, 0.01, progress=False)
     assert list(shifts["id"]) == [0, 1, 2] and (shifts["dlogp_target"] > 0).all()
     assert (shifts["opposite_dlogp_target"] < 0).all()
-    assert shifts["target_first"].tolist() == ["m", "c", "B"]
-    table = faithfulness(shifts.assign(domain=["a", "a", "b"], direction="correct"))
-    assert table["n"].tolist() == [2, 1] and table["to_is_target"].between(0, 1).all()
-
-
-def test_first_visible_token_skips_whitespace():
-    from gradsense.tokenizers import CharTokenizer
-
-    assert first_visible_token(CharTokenizer(), "1066") == "1"
-
-
-def test_real_step_restores_parameters(tiny, grads):
-    model, tok = tiny
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = [p.requires_grad for p in model.parameters()]
-    summary, tokens = real_step_validity(model, tok, PROMPTS[:2], TARGETS[:2], SOURCES[:2], grads[:2], LAYER, 0.01,
-                                         [1e-3, 1e-2], top_n=20, progress=False)
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert flags == [p.requires_grad for p in model.parameters()]
-    assert len(summary) == 4 and len(tokens) == 4 * 20
-    # A small real step on the target's loss raises the target, and so does the virtual step.
-    assert (summary["real_dlogp_target"] > 0).all() and summary["virtual_sign_target"].all()
-    assert summary["virtual_spearman"].between(-1, 1).all()
+    assert shifts["target_first"].tolist() == ["m", "c", "B"] and shifts["source_first"].tolist() == ["r", "x", "A"]
+    # The promoted token is the −g row's top promoted token of the batched sweep at the same α.
+    sweep = virtual_steps(model, tok, PROMPTS, TARGETS, SOURCES, grads, LAYER, [0.01], progress=False)
+    top_up = sweep[sweep["control"] == "gradient"]["up_ids"].map(lambda ids: tok.decode(ids[:1]).strip())
+    visible = top_up != ""
+    assert shifts["to_token"][visible.to_numpy()].tolist() == top_up[visible].tolist()
 
 
 @pytest.mark.parametrize("bad", [np.zeros(64), np.full(64, np.nan)])
@@ -188,8 +198,12 @@ def test_position_index_matches_last(tiny, grads):
 @pytest.mark.integration
 def test_smol_step_raises_target_more_than_random(smol):
     model, tok = smol
-    prompts = ["The capital of France is", "The capital of Japan is", "The largest ocean on Earth is the",
-               "The first person to walk on the Moon was Neil"]
+    prompts = [
+        "The capital of France is",
+        "The capital of Japan is",
+        "The largest ocean on Earth is the",
+        "The first person to walk on the Moon was Neil",
+    ]
     targets, sources = ["London", "Beijing", "Atlantic", "Collins"], ["Paris", "Tokyo", "Pacific", "Armstrong"]
     g = activation_gradients(model, tok, prompts, [target_text(t) for t in targets], [15], progress=False).grads[0]
     shifts = item_shifts(model, tok, prompts, targets, sources, g, 15, 0.03, progress=False)
@@ -198,24 +212,3 @@ def test_smol_step_raises_target_more_than_random(smol):
     assert (shifts["opposite_dlogp_target"] < 0).all()
     single = virtual_step(model, tok, prompts[0], g[0], 15, 0.03)
     assert single.dlogp.shape == (49152,)
-
-
-@pytest.mark.integration
-def test_smol_real_step_agrees_with_virtual(smol):
-    model, tok = smol
-    prompt, target, source = "The capital of France is", "London", "Paris"
-    g = activation_gradients(model, tok, [prompt], [target_text(target)], [15], progress=False).grads[0]
-    summary, _ = real_step_validity(model, tok, [prompt], [target], [source], g, 15, 0.03, [1e-4], progress=False)
-    row = summary.iloc[0]
-    assert row["real_dlogp_target"] > 0 and row["virtual_sign_target"]
-    assert row["virtual_spearman"] > row["random_spearman"]
-
-
-def test_stratified_sample_is_seeded_and_even():
-    frame = pd.DataFrame({"domain": list("aaabbbbcc") * 3, "v": range(27)})
-    a = stratified_sample(frame, 7, ["domain"], seed=0)
-    assert a.equals(stratified_sample(frame, 7, ["domain"], seed=0)) and len(a) == 7
-    assert a["domain"].value_counts().between(2, 3).all() and list(a.index) == sorted(a.index)
-    assert len(stratified_sample(frame, None, ["domain"])) == 27
-    with pytest.raises(GradsenseError, match="sample size"):
-        stratified_sample(frame, 0, ["domain"])

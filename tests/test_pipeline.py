@@ -21,7 +21,9 @@ def _project(tmp_path: Path, body: str, section: dict) -> Path:
     nb.cells = [params, nbformat.v4.new_code_cell(body)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "notebooks" / "07_demo.ipynb")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 5, "model": {"name": "m", "device": "cpu"}, "demo": section}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"seed": 5, "model": {"name": "m", "device": "cpu"}, "demo": section})
+    )
     return tmp_path
 
 
@@ -35,7 +37,9 @@ def test_stage_parameters_merge_shared_and_section(tmp_path):
 
 
 def test_run_stage_passes_params_and_writes_outputs(tmp_path):
-    body = "import json, pathlib\npathlib.Path('../results/demo/out.json').write_text(json.dumps([seed, model_name, x]))"
+    body = (
+        "import json, pathlib\npathlib.Path('../results/demo/out.json').write_text(json.dumps([seed, model_name, x]))"
+    )
     root = _project(tmp_path, body, {"x": 3})
     executed = run_stage("demo", root)
     assert executed.is_file()
@@ -66,8 +70,11 @@ def test_notebook_defaults_equal_the_ci_preset():
     full = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
         assert set(ci[name] or {}) == set(full[name] or {}), f"{name}: params.yaml and params-ci.yaml keys differ"
-        cell = next(c for c in nbformat.read(notebook_for(name, ROOT), as_version=4).cells
-                    if "parameters" in c.metadata.get("tags", []))
+        cell = next(
+            c
+            for c in nbformat.read(notebook_for(name, ROOT), as_version=4).cells
+            if "parameters" in c.metadata.get("tags", [])
+        )
         defaults: dict = {}
         exec(cell.source, {}, defaults)  # the parameters cell holds plain assignments
         expected = stage_parameters(name, ROOT / "params-ci.yaml")

@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from gradsense import GradsenseError
-from gradsense.scoring import encode, next_token_logprobs, score_targets, target_logprobs, target_text
+from gradsense.scoring import (
+    encode,
+    first_visible_id,
+    first_visible_token,
+    next_token_logprobs,
+    score_targets,
+    target_logprobs,
+    target_text,
+)
+
+from tiny_model import CharTokenizer
 
 PROMPTS = ["The capital of France is", "Hi", "A much longer prompt about rivers and seas"]
 TARGETS = [" Paris", " 1066", " x"]
@@ -54,3 +64,13 @@ def test_bad_input_names_the_item(tiny):
 
 def test_target_text_adds_one_space():
     assert target_text("Paris") == " Paris" and target_text(" Paris") == " Paris"
+
+
+def test_first_visible_token_skips_the_bare_space():
+    tokenizer = CharTokenizer()
+    # " 1066" is " ", "1", "0", "6", "6" byte by byte: the first visible token is "1", not the space.
+    assert first_visible_id(tokenizer, "1066") == tokenizer("1", add_special_tokens=False)["input_ids"][0]
+    assert first_visible_token(tokenizer, "1066") == "1" and first_visible_token(tokenizer, " Paris") == "P"
+    assert first_visible_token(tokenizer, "   ") == ""
+    with pytest.raises(GradsenseError, match="no token that is not whitespace"):
+        first_visible_id(tokenizer, "   ")

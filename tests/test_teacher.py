@@ -8,26 +8,35 @@ import pytest
 
 from gradsense.errors import GradsenseError
 from gradsense.teacher import (
-    NONE,
+    NO_TOKEN,
     HFTeacher,
     OpenAICompatibleTeacher,
     TemplateTeacher,
     as_record,
-    clean_token,
     label_head,
     label_records,
     load_cache,
     make_teacher,
     parse_label,
+    prompt_messages,
     record_key,
 )
 
 
 def record(**changes) -> dict:
     """A shift record as the oracle stage builds it."""
-    base = {"id": "cf-1", "domain": "History", "prompt": "The Battle of Hastings was in", "to_token": "1",
-            "from_token": "Sept", "up_tokens": ["1", "the"], "down_tokens": ["Sept", "October"],
-            "dlogp_target": 2.5, "dlogp_source": -1.0, "kl": 0.3}
+    base = {
+        "id": "cf-1",
+        "domain": "History",
+        "prompt": "The Battle of Hastings was in",
+        "to_token": "1",
+        "from_token": "Sept",
+        "up_tokens": ["1", "the"],
+        "down_tokens": ["Sept", "October"],
+        "dlogp_target": 2.5,
+        "dlogp_source": -1.0,
+        "kl": 0.3,
+    }
     return as_record(base | changes)
 
 
@@ -39,33 +48,54 @@ RECORDS = [
 ]
 
 
-def test_template_is_deterministic():
-    labels = [TemplateTeacher().label(r) for r in RECORDS]
-    assert labels == [TemplateTeacher().label(r) for r in RECORDS]
-    assert labels[0] == ("domain: history | from: Sept | to: 1\n"
-                         "The update pushes this history answer away from Sept and towards 1.")
+UNCLEAR = "The shift is unclear: this {} answer barely moves, so no correction can be read from it."
 
 
-def test_head_always_present_and_parses():
-    for r in RECORDS:
-        text = TemplateTeacher().label(r)
-        parsed = parse_label(text)
-        assert parsed["domain"] == r["domain"].strip().lower()
-        assert (parsed["from"], parsed["to"]) == (clean_token(r["from_token"]), clean_token(r["to_token"]))
-        assert len(text.splitlines()) == 2
+def test_template_labels_by_hand():
+    expected = [
+        "domain: history | from: Sept | to: 1\nThe update pushes this history answer away from Sept and towards 1.",
+        "domain: history | from: <none> | to: <none>\n" + UNCLEAR.format("history"),  # nothing was promoted
+        "domain: history | from: <none> | to: New¦York\n" + UNCLEAR.format("history"),  # the target barely moved
+        "domain: geo graphy | from: Sept | to: Paris\n" + UNCLEAR.format("geo graphy"),  # the target went down
+    ]
+    assert [TemplateTeacher().label(r) for r in RECORDS] == expected
+    no_source = TemplateTeacher().label(record(from_token=""))
+    assert no_source == "domain: history | from: <none> | to: 1\nThe update pushes this history answer towards 1."
 
 
-def test_unclear_shift_is_said():
-    assert "unclear" in TemplateTeacher().label(RECORDS[2])  # the target barely moved
-    assert "unclear" in TemplateTeacher().label(RECORDS[3])  # the target went down
-    assert "unclear" in TemplateTeacher().label(RECORDS[1])  # nothing was promoted
-    assert parse_label(TemplateTeacher().label(RECORDS[1]))["to"] == NONE
+def test_head_fields_parse_back_by_hand():
+    heads = [parse_label(TemplateTeacher().label(r)) for r in RECORDS]
+    assert [(h["domain"], h["from"], h["to"]) for h in heads] == [
+        ("history", "Sept", "1"),
+        ("history", NO_TOKEN, NO_TOKEN),
+        ("history", NO_TOKEN, "New¦York"),
+        ("geo graphy", "Sept", "Paris"),
+    ]
 
 
 def test_labels_use_observed_tokens_not_dataset_fields():
     with pytest.raises(GradsenseError, match="lacks"):
         as_record({"id": 1, "domain": "d", "target": "1066"})
-    assert "to: 1" in TemplateTeacher().label(RECORDS[0])
+    # An oracle row also carries the dataset answers (target 1066, source 1067); the observed tokens differ.
+    row = {
+        "id": "cf-1",
+        "domain": "History",
+        "prompt": "The Battle of Hastings was in",
+        "target": "1066",
+        "source": "1067",
+        "to_token": "1",
+        "from_token": "Sept",
+        "up_tokens": ["1"],
+        "down_tokens": ["Sept"],
+        "dlogp_target": 2.5,
+        "dlogp_source": -1.0,
+        "kl": 0.3,
+    }
+    rec = as_record(row)
+    assert "target" not in rec and "source" not in rec
+    assert parse_label(TemplateTeacher().label(rec)) == {"domain": "history", "from": "Sept", "to": "1"}
+    prompt = "\n".join(m["content"] for m in prompt_messages(rec))
+    assert "1066" not in prompt and "1067" not in prompt and "Most promoted: 1; most demoted: Sept" in prompt
 
 
 @pytest.mark.parametrize(
@@ -73,7 +103,10 @@ def test_labels_use_observed_tokens_not_dataset_fields():
     [
         ("domain: history | from: 1067 | to: 1066\nA sentence.", ("history", "1067", "1066")),
         ("DOMAIN:Biology|FROM: liver|TO: heart", ("biology", "liver", "heart")),
-        ("Sure. domain: sport | from: soccer | to: tennis. The model now prefers tennis.", ("sport", "soccer", "tennis")),
+        (
+            "Sure. domain: sport | from: soccer | to: tennis. The model now prefers tennis.",
+            ("sport", "soccer", "tennis"),
+        ),
         ("domain: music | to: jazz", ("music", None, "jazz")),
         ("domain: geography", ("geography", None, None)),
         ("no head at all", (None, None, None)),
@@ -88,7 +121,7 @@ def test_parse_label_is_robust(text, expected):
 
 
 def test_label_head_cleans_tokens():
-    assert label_head("A B", "x|y", "\n") == f"domain: a b | from: x¦y | to: {NONE}"
+    assert label_head("A B", "x|y", "\n") == f"domain: a b | from: x¦y | to: {NO_TOKEN}"
 
 
 class Counting:

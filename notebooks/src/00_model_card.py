@@ -12,23 +12,23 @@ max_facts = 12
 batch_size = 32
 
 # %%
+import json
 import resource
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
-import torch
 
 import gradsense
-from gradsense.models import architecture, data_dir, resolve_device
+from gradsense.model_card import fact_accuracy, fact_answers, probe_facts
+from gradsense.models import architecture, resolve_device
+from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
-from gradsense.scoring import score_targets
 from gradsense.seeding import seed_everything
 
-RESULTS, FIGURES = Path("../results/model_card"), Path("../figures/model_card")
+paths = Paths("..")
+RESULTS, FIGURES = paths.results("model_card"), paths.figures("model_card")
 seed_everything(seed)
 
 # %%
@@ -51,24 +51,9 @@ save_table(as_rows({k: card[k] for k in volatile}), RESULTS, "resources")
 card
 
 # %%
-facts = pd.read_csv(data_dir() / "facts" / "probe_facts.csv")
-if max_facts is not None:  # an even, deterministic share of every domain
-    per_domain = -(-max_facts // facts["domain"].nunique())
-    facts = facts.groupby("domain", sort=True).head(per_domain).reset_index(drop=True)
-prompts = facts["prompt"].tolist()
-right = score_targets(model, tokenizer, prompts, [" " + a for a in facts["right"]], batch_size)
-wrong = score_targets(model, tokenizer, prompts, [" " + a for a in facts["wrong"]], batch_size)
-facts = facts.assign(
-    logp_right=right["logp"], logp_wrong=wrong["logp"], p_right=np.exp(right["logp"]),
-    greedy_right=right["greedy"], right_beats_wrong=right["logp"] > wrong["logp"], n_tokens_right=right["n_tokens"],
-)
+facts = fact_answers(model, tokenizer, probe_facts(max_facts), batch_size)
 save_table(facts, RESULTS, "fact_answers")
-by_domain = (
-    facts.groupby("domain", sort=True)
-    .agg(n=("prompt", "size"), greedy_right=("greedy_right", "mean"), right_beats_wrong=("right_beats_wrong", "mean"),
-         median_p_right=("p_right", "median"))
-    .reset_index()
-)
+by_domain = fact_accuracy(facts)
 save_table(by_domain, RESULTS, "fact_accuracy")
 by_domain
 
@@ -77,8 +62,13 @@ fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
 sns.stripplot(data=facts, x="domain", y="p_right", hue="right_beats_wrong", ax=axes[0], size=6, jitter=0.15)
 axes[0].set(yscale="log", ylabel="p(right answer | prompt)", xlabel="", title="Probability of the right answer")
 axes[0].tick_params(axis="x", rotation=45)
-sns.barplot(data=by_domain.melt(id_vars="domain", value_vars=["greedy_right", "right_beats_wrong"]),
-            x="domain", y="value", hue="variable", ax=axes[1])
+sns.barplot(
+    data=by_domain.melt(id_vars="domain", value_vars=["greedy_right", "right_beats_wrong"]),
+    x="domain",
+    y="value",
+    hue="variable",
+    ax=axes[1],
+)
 axes[1].set(ylim=(0, 1), ylabel="share of facts", xlabel="", title="Greedy answer right / right beats wrong")
 axes[1].tick_params(axis="x", rotation=45)
 fig.tight_layout()
@@ -94,6 +84,7 @@ if model_name is None:
     # The model knows most of these facts better than a plausible wrong answer (measured, not assumed).
     assert facts["right_beats_wrong"].mean() > 0.5, facts["right_beats_wrong"].mean()
 assert facts["p_right"].between(0, 1).all() and len(facts) > 0
-for name in ("fact_answers.csv", "fact_answers.tex", "fact_accuracy.csv", "architecture.tex", "model_card.json"):
-    assert (RESULTS / name).is_file(), name
-assert (FIGURES / "fact_answers.png").is_file() and (FIGURES / "fact_answers.pdf").is_file()
+# What was saved is what was computed: the tables read back equal the frames above.
+pd.testing.assert_frame_equal(pd.read_csv(RESULTS / "fact_accuracy.csv"), by_domain, check_dtype=False, rtol=1e-5)
+assert pd.read_csv(RESULTS / "fact_answers.csv")["right_beats_wrong"].tolist() == facts["right_beats_wrong"].tolist()
+assert json.loads((RESULTS / "model_card.json").read_text())["n_parameters"] == card["n_parameters"]

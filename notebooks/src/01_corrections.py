@@ -19,8 +19,6 @@ heldout_domain = "religion"
 batch_size = 32
 
 # %%
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -28,19 +26,31 @@ import seaborn as sns
 
 import gradsense
 from gradsense.corrections import (
-    COLUMNS, corrections_table, heldout_domain_masks, heldout_templates, load_facts, save_corrections, summarize,
+    COLUMNS,
+    belief_by_domain,
+    corrections_facts,
+    corrections_table,
+    fact_margins,
+    heldout_domain_masks,
+    load_corrections,
+    load_facts,
+    save_corrections,
+    summarize,
+    template_counts,
 )
+from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.seeding import seed_everything
 
-RESULTS, FIGURES = Path("../results/corrections"), Path("../figures/corrections")
+paths = Paths("..")
+RESULTS, FIGURES = paths.results("corrections"), paths.figures("corrections")
 seed_everything(seed)
 
 # %%
 facts = load_facts()
 model, tokenizer = gradsense.load_model(model_name, device=device)
 table = corrections_table(model, tokenizer, facts, per_domain, fractions, directions, seed, batch_size)
-save_corrections(table, RESULTS / "corrections.csv")
+save_corrections(table, paths.corrections)
 table.head()
 
 # %% [markdown]
@@ -51,25 +61,14 @@ table.head()
 # %%
 summary = summarize(table)
 save_table(summary, RESULTS, "summary")
-by_domain = summarize(table.assign(split="train")).drop(columns="split")  # every split together
+by_domain = belief_by_domain(table)  # every split together
 save_table(by_domain, RESULTS, "belief_by_domain")
-held_templates = heldout_templates(table.drop_duplicates("fact_id"), seed)
-templates = (
-    table.drop_duplicates("fact_id").groupby(["domain", "relation", "template_split"]).size()
-    .rename("n_facts").reset_index()
-)
+templates = template_counts(table)
 save_table(templates, RESULTS, "templates")
-train_mask, test_mask = heldout_domain_masks(table, heldout_domain)
-per_fact = table.drop_duplicates("fact_id").assign(  # margin = log p(right) − log p(wrong), whatever the direction
-    margin=lambda t: np.where(t["direction"] == "correct", 1, -1) * (t["logp_target"] - t["logp_source"])
-)
-save_json(
-    {"n_rows": len(table), "n_facts": table["fact_id"].nunique(), "domains": sorted(table["domain"].unique()),
-     "heldout_domain": heldout_domain, "heldout_domain_rows": int(test_mask.sum()),
-     "heldout_templates": held_templates,
-     "prefers_right": float((per_fact["margin"] > 0).mean())},
-    RESULTS / "corrections.json",
-)
+per_fact = fact_margins(table)  # margin = log p(right) − log p(wrong), whatever the direction
+key_facts = corrections_facts(table, heldout_domain, seed)
+held_templates = key_facts["heldout_templates"]
+save_json(key_facts, RESULTS / "corrections.json")
 by_domain
 
 # %%
@@ -108,6 +107,7 @@ assert (table.loc[~correct, "target"] == table.loc[~correct, "wrong"]).all()
 assert (templates.query("template_split == 'heldout'").groupby("domain")["relation"].nunique() == 1).all()
 assert set(held_templates) == {d for d, g in templates.groupby("domain") if g["relation"].nunique() >= 2}
 # The held-out-domain masks partition the rows.
+train_mask, test_mask = heldout_domain_masks(table, heldout_domain)
 assert test_mask.any() and train_mask.any() and not (train_mask & test_mask).any()
 # Finite log-probabilities (summed over the whole target, so ≤ 0), and the preference column agrees with them.
 assert np.isfinite(table[["logp_target", "logp_source"]].to_numpy()).all()
@@ -117,7 +117,11 @@ assert not table["prompt"].str.endswith(" ").any() and not table["target"].str.s
 if model_name is None and per_domain is not None and per_domain >= 50:
     # Measured, not assumed: SmolLM2 prefers the right answer for most facts overall.
     assert by_domain["prefers_right"].mean() > 0.5, by_domain
-outputs = ("corrections.csv", "summary.csv", "summary.tex", "belief_by_domain.csv", "templates.csv", "corrections.json")
-for name in outputs:
-    assert (RESULTS / name).is_file(), name
-assert (FIGURES / "belief_by_domain.png").is_file() and (FIGURES / "belief_by_domain.pdf").is_file()
+# What every later stage reads is the table computed here, and the saved summaries are the computed ones.
+pd.testing.assert_frame_equal(load_corrections(paths.corrections), table, check_dtype=False, rtol=1e-5)
+for name, frame in {"summary": summary, "belief_by_domain": by_domain, "templates": templates}.items():
+    back = pd.read_csv(RESULTS / f"{name}.csv", keep_default_na=False)
+    pd.testing.assert_frame_equal(
+        back, frame.astype({"domain": str}), check_dtype=False, check_categorical=False, rtol=1e-5
+    )
+assert key_facts["heldout_domain_rows"] == int(test_mask.sum()) and key_facts["n_rows"] == len(table)

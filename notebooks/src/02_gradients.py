@@ -21,8 +21,6 @@ gating_fractions = [0.01, 0.05, 0.1, 0.25]
 n_boot = 500
 
 # %%
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -39,13 +37,14 @@ from gradsense.gradients import (
     resolve_layers,
     save_gradients,
 )
+from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
-from gradsense.scoring import target_text
+from gradsense.scoring import first_visible_id
 from gradsense.seeding import seed_everything
-from gradsense.stats import bootstrap_ci
 
-RESULTS, FIGURES = Path("../results/gradients"), Path("../figures/gradients")
-rng = seed_everything(seed)
+paths = Paths("..")
+RESULTS, FIGURES = paths.results("gradients"), paths.figures("gradients")
+seed_everything(seed)
 
 # %% [markdown]
 # ## Extract
@@ -54,24 +53,25 @@ rng = seed_everything(seed)
 # distinct prompt + answer for the steering vectors.
 
 # %%
-table = balanced_subset(load_corrections("../results/corrections/corrections.csv"), max_items)
+table = balanced_subset(load_corrections(paths.corrections), max_items)
 model, tokenizer = gradsense.load_model(model_name, device=device)
 layers = resolve_layers(model, layers)
 result = correction_gradients(model, tokenizer, table, layers, position, batch_size, units=True)
 steering = correction_steering(model, tokenizer, table, layers, batch_size)
-save_gradients(RESULTS / "gradients.npz", result, steering)
-save_table(table[["id", "fact_id", "domain", "direction", "split"]].join(result.index[["loss", "n_target_tokens"]]),
-           RESULTS, "index")
+save_gradients(paths.gradients, result, steering)
+save_table(
+    table[["id", "fact_id", "domain", "direction", "split"]].join(result.index[["loss", "n_target_tokens"]]),
+    RESULTS,
+    "index",
+)
 print(f"{len(table)} items, layers {layers}, d_model {result.grads.shape[-1]}")
 
 # %%
-saved = load_gradients(RESULTS / "gradients.npz")
+saved = load_gradients(paths.gradients)
 L, N, D = saved["grads"].shape
-norms = pd.DataFrame([
-    {"layer": layer, "kind": kind, "median_norm": float(np.median(np.linalg.norm(saved[key][i], axis=-1)))}
-    for i, layer in enumerate(layers) for kind, key in (("gradient", "grads"), ("activation", "acts"),
-                                                        ("steering", "steering"))
-])
+norms = analysis.norms_table(
+    {"gradient": saved["grads"], "activation": saved["acts"], "steering": saved["steering"]}, layers
+)
 save_table(norms, RESULTS, "norms")
 norms.pivot(index="layer", columns="kind", values="median_norm")
 
@@ -98,25 +98,25 @@ if same_fact.any():  # a fact in both directions: the steering vectors are oppos
 
 # %%
 features = {"gradient": saved["grads"], "activation": saved["acts"]}
-pca_rows, cosine_rows = [], []
-for name, array in features.items():
-    for i, layer in enumerate(layers):
-        coords, explained = analysis.pca_2d(array[i], seed)
-        pca_rows.append(pd.DataFrame({"features": name, "layer": layer, "pc1": coords[:, 0], "pc2": coords[:, 1],
-                                      "domain": table["domain"], "explained": explained.sum()}))
-        per_item = analysis.domain_cosines(array[i], table["domain"], groups=table["fact_id"])
-        margin = (per_item["within"] - per_item["across"]).dropna().to_numpy()
-        est, low, high = bootstrap_ci(margin, n_boot=n_boot, seed=seed)
-        cosine_rows.append({"features": name, "layer": layer, "within": per_item["within"].mean(),
-                            "across": per_item["across"].mean(), "margin": est, "low": low, "high": high})
-pca = pd.concat(pca_rows, ignore_index=True)
-cosines = pd.DataFrame(cosine_rows)
+pca = analysis.pca_table(features, layers, table["domain"], seed)
+cosines = analysis.domain_cosine_table(features, layers, table["domain"], table["fact_id"], n_boot, seed)
 save_table(cosines, RESULTS, "domain_cosines")
 cosines
 
 # %%
-grid = sns.relplot(data=pca, x="pc1", y="pc2", hue="domain", row="features", col="layer", kind="scatter",
-                   s=12, alpha=0.7, height=2.6, facet_kws={"sharex": False, "sharey": False})
+grid = sns.relplot(
+    data=pca,
+    x="pc1",
+    y="pc2",
+    hue="domain",
+    row="features",
+    col="layer",
+    kind="scatter",
+    s=12,
+    alpha=0.7,
+    height=2.6,
+    facet_kws={"sharex": False, "sharey": False},
+)
 grid.set_titles("{row_name} · layer {col_name}")
 save_figure(grid.figure, FIGURES, "pca_by_domain")
 
@@ -144,12 +144,17 @@ save_figure(fig, FIGURES, "domain_cosines")
 labels = table["domain"].to_numpy()
 splits = {
     "held-out subjects": (table["split"].eq("train").to_numpy(), table["split"].eq("test").to_numpy()),
-    "held-out templates": (table["template_split"].eq("train").to_numpy(),
-                           table["template_split"].eq("heldout").to_numpy()),
+    "held-out templates": (
+        table["template_split"].eq("train").to_numpy(),
+        table["template_split"].eq("heldout").to_numpy(),
+    ),
 }
 probe = pd.concat(
-    [analysis.probe_table(features, layers, labels, train, test, seed, n_boot).assign(split=name)
-     for name, (train, test) in splits.items() if train.any() and test.any()],
+    [
+        analysis.probe_table(features, layers, labels, train, test, seed, n_boot).assign(split=name)
+        for name, (train, test) in splits.items()
+        if train.any() and test.any()
+    ],
     ignore_index=True,
 )
 save_table(probe, RESULTS, "domain_probe")
@@ -174,21 +179,20 @@ save_figure(grid.figure, FIGURES, "domain_probe")
 # first digit. Chance for hit@k is k / vocabulary size.
 
 # %%
-target_tok = [analysis.first_content_token(tokenizer, target_text(a)) for a in table["target"]]
-source_tok = [analysis.first_content_token(tokenizer, target_text(a)) for a in table["source"]]
+target_tok = [first_visible_id(tokenizer, a) for a in table["target"]]
+source_tok = [first_visible_id(tokenizer, a) for a in table["source"]]
 tokens = np.stack([target_tok, source_tok], axis=1)
 ranks_g = analysis.backward_lens(model, -saved["grads"], tokens)
 ranks_h = analysis.backward_lens(model, saved["acts"], tokens)
 vocab = model.get_output_embeddings().weight.shape[0]
-lens = pd.concat([
-    analysis.lens_table(ranks_g[..., 0], layers, n_boot=n_boot, seed=seed).assign(reading="−g (Backward Lens)"),
-    analysis.lens_table(ranks_h[..., 0], layers, n_boot=n_boot, seed=seed).assign(reading="h (logit lens)"),
-], ignore_index=True).assign(chance=lambda d: d["k"] / vocab)
-distinct = tokens[:, 0] != tokens[:, 1]
-lens_vs_source = pd.DataFrame([
-    {"layer": layer, "target_above_source": float(np.mean(ranks_g[i, distinct, 0] < ranks_g[i, distinct, 1])),
-     "n": int(distinct.sum())} for i, layer in enumerate(layers)
-])
+lens = pd.concat(
+    [
+        analysis.lens_table(ranks_g[..., 0], layers, n_boot=n_boot, seed=seed).assign(reading="−g (Backward Lens)"),
+        analysis.lens_table(ranks_h[..., 0], layers, n_boot=n_boot, seed=seed).assign(reading="h (logit lens)"),
+    ],
+    ignore_index=True,
+).assign(chance=lambda d: d["k"] / vocab)
+lens_vs_source = analysis.lens_target_vs_source(ranks_g, layers, tokens[:, 0] != tokens[:, 1])
 save_table(lens, RESULTS, "backward_lens")
 save_table(lens_vs_source, RESULTS, "backward_lens_target_vs_source")
 lens.pivot_table(index=["reading", "k"], columns="layer", values="hit")
@@ -196,10 +200,22 @@ lens.pivot_table(index=["reading", "k"], columns="layer", values="hit")
 # %%
 fig, ax = plt.subplots(figsize=(5.5, 3.4))
 for (reading, k), rows in lens.groupby(["reading", "k"], sort=False):
-    ax.errorbar(rows["layer"], rows["hit"], yerr=[rows["hit"] - rows["low"], rows["high"] - rows["hit"]],
-                marker="o", capsize=3, ls="-" if k == 1 else "--", label=f"{reading} hit@{k}")
-ax.set(xlabel="layer", ylabel="share of items", ylim=(0, 1.02), xticks=layers,
-       title="Target's first token read from −g and h")
+    ax.errorbar(
+        rows["layer"],
+        rows["hit"],
+        yerr=[rows["hit"] - rows["low"], rows["high"] - rows["hit"]],
+        marker="o",
+        capsize=3,
+        ls="-" if k == 1 else "--",
+        label=f"{reading} hit@{k}",
+    )
+ax.set(
+    xlabel="layer",
+    ylabel="share of items",
+    ylim=(0, 1.02),
+    xticks=layers,
+    title="Target's first token read from −g and h",
+)
 ax.legend(fontsize=7)
 save_figure(fig, FIGURES, "backward_lens")
 
@@ -209,20 +225,15 @@ save_figure(fig, FIGURES, "backward_lens")
 # null pairs each −g with the steering vector of another, randomly chosen item.
 
 # %%
-cos_gs = analysis.row_cosine(-saved["grads"], saved["steering"])
-null = analysis.row_cosine(-saved["grads"], saved["steering"][:, rng.permutation(N)])
-steer_cos = pd.concat([
-    analysis.cosine_table(cos_gs, layers, n_boot, seed).assign(pairs="same item"),
-    analysis.cosine_table(null, layers, n_boot, seed).assign(pairs="shuffled items"),
-    *[analysis.cosine_table(cos_gs[:, table["direction"].eq(d).to_numpy()], layers, n_boot, seed)
-      .assign(pairs=f"same item, {d}") for d in sorted(table["direction"].unique())],
-], ignore_index=True)
+steer_cos = analysis.steering_cosine_table(saved["grads"], saved["steering"], table["direction"], layers, n_boot, seed)
+cos_gs = analysis.row_cosine(-saved["grads"], saved["steering"])  # per item, for the violin plot
 save_table(steer_cos, RESULTS, "gradient_steering_cosine")
 steer_cos.pivot(index="pairs", columns="layer", values="mean")
 
 # %%
-long = pd.DataFrame({"layer": np.repeat(layers, N), "cos": cos_gs.ravel(),
-                     "direction": np.tile(table["direction"].to_numpy(), L)})
+long = pd.DataFrame(
+    {"layer": np.repeat(layers, N), "cos": cos_gs.ravel(), "direction": np.tile(table["direction"].to_numpy(), L)}
+)
 fig, ax = plt.subplots(figsize=(5.5, 3.4))
 sns.violinplot(data=long, x="layer", y="cos", hue="direction", ax=ax, cut=0, inner="quartile")
 for i, row in enumerate(steer_cos[steer_cos["pairs"] == "shuffled items"].itertuples()):
@@ -240,13 +251,9 @@ save_figure(fig, FIGURES, "gradient_steering_cosine")
 # at the units' inputs, (∂L/∂gate_j)² + (∂L/∂up_j)², the gradient that flows back into the residual stream.
 
 # %%
-control = np.roll(result.unit_acts, 1, axis=1)  # each item scored with the previous item's active units
-gating = pd.concat([
-    analysis.gating_table(result.unit_grads**2, result.unit_acts, layers, gating_fractions, control, n_boot, seed)
-    .assign(site="∂L/∂u (down_proj input)"),
-    analysis.gating_table(result.unit_input_grad_sq, result.unit_acts, layers, gating_fractions, control, n_boot, seed)
-    .assign(site="∂L/∂(gate, up) (unit inputs)"),
-], ignore_index=True)
+gating = analysis.gating_sites_table(
+    result.unit_grads, result.unit_input_grad_sq, result.unit_acts, layers, gating_fractions, n_boot, seed
+)
 save_table(gating, RESULTS, "gating_share")
 gating.pivot_table(index=["site", "fraction"], columns="layer", values="share")
 
@@ -254,8 +261,15 @@ gating.pivot_table(index=["site", "fraction"], columns="layer", values="share")
 grid = sns.FacetGrid(gating, col="site", height=3.2, aspect=1.2)
 for ax, (site, part) in zip(grid.axes.flat, gating.groupby("site", sort=False)):
     for (fraction, rows), color in zip(part.groupby("fraction"), sns.color_palette()):
-        ax.errorbar(rows["layer"], rows["share"], yerr=[rows["share"] - rows["low"], rows["high"] - rows["share"]],
-                    marker="o", capsize=3, color=color, label=f"top {fraction:.0%}")
+        ax.errorbar(
+            rows["layer"],
+            rows["share"],
+            yerr=[rows["share"] - rows["low"], rows["high"] - rows["share"]],
+            marker="o",
+            capsize=3,
+            color=color,
+            label=f"top {fraction:.0%}",
+        )
         ax.plot(rows["layer"], rows["control"], color=color, ls=":", lw=1)
         ax.axhline(fraction, color=color, ls="--", lw=0.8)
     ax.set(title=site, xlabel="layer", ylabel="share of squared gradient", ylim=(0, 1), xticks=layers)
@@ -267,7 +281,10 @@ save_figure(grid.figure, FIGURES, "gating_share")
 
 # %%
 summary = {
-    "n_items": N, "layers": layers, "position": position, "d_model": D,
+    "n_items": N,
+    "layers": layers,
+    "position": position,
+    "d_model": D,
     "probe_gradient_best": float(probe[probe["features"] == "gradient"]["accuracy"].max()),
     "probe_shuffled_best": float(probe[probe["features"].str.contains("shuffled")]["accuracy"].max()),
     "lens_hit10_best": float(lens[(lens["reading"].str.startswith("−g")) & (lens["k"] == 10)]["hit"].max()),
@@ -281,10 +298,16 @@ assert np.abs(cos_gs).max() <= 1 + 1e-6 and len(steer_cos) >= 2 * L
 # The top-k share is a share: bounded by 1 and it grows with k at every layer.
 assert gating["share"].between(0, 1).all()
 assert (gating.sort_values("fraction").groupby(["site", "layer"])["share"].diff().dropna() >= -1e-9).all()
-for name in ("gradients.npz", "index.csv", "domain_cosines.csv", "domain_probe.csv", "backward_lens.csv",
-             "gradient_steering_cosine.csv", "gating_share.csv", "summary.json"):
-    assert (RESULTS / name).is_file(), name
-for name in ("pca_by_domain", "domain_cosines", "domain_probe", "backward_lens", "gradient_steering_cosine",
-             "gating_share"):
-    assert (FIGURES / f"{name}.png").is_file() and (FIGURES / f"{name}.pdf").is_file(), name
+# What was saved is what was computed (CSV keeps 6 significant digits), and the gradients are the ones analysed.
+for name, frame in {
+    "norms": norms,
+    "domain_cosines": cosines,
+    "domain_probe": probe,
+    "backward_lens": lens,
+    "gradient_steering_cosine": steer_cos,
+    "gating_share": gating,
+}.items():
+    pd.testing.assert_frame_equal(pd.read_csv(RESULTS / f"{name}.csv"), frame, check_dtype=False, rtol=1e-5)
+np.testing.assert_array_equal(load_gradients(paths.gradients)["grads"], result.grads)
+assert ((cosines["low"] <= cosines["margin"]) & (cosines["margin"] <= cosines["high"])).all()
 summary

@@ -37,24 +37,27 @@ unclear_min_gain = 0.5
 examples_per_domain = 2
 
 # %%
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
 import gradsense
-from gradsense import oracle
+from gradsense import oracle, validity
 from gradsense.corrections import load_corrections
 from gradsense.errors import GradsenseError
+from gradsense.files import read_jsonl, write_jsonl
 from gradsense.gradients import load_gradients
+from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
+from gradsense.sampling import stratified
 from gradsense.seeding import seed_everything
-from gradsense.teacher import as_record, label_records, make_teacher, parse_label, save_jsonl
+from gradsense.shifts import item_shifts
+from gradsense.teacher import as_record, label_records, make_teacher, parse_label
 
-RESULTS, FIGURES = Path("../results/oracle"), Path("../figures/oracle")
-rng = seed_everything(seed)
+paths = Paths("..")
+RESULTS, FIGURES = paths.results("oracle"), paths.figures("oracle")
+seed_everything(seed)
 
 # %% [markdown]
 # ## Inputs
@@ -62,12 +65,10 @@ rng = seed_everything(seed)
 # the middle of the extracted layers.
 
 # %%
-table = load_corrections("../results/corrections/corrections.csv")
-arrays = load_gradients("../results/gradients/gradients.npz")
+table = load_corrections(paths.corrections)
+arrays = load_gradients(paths.gradients)
 layers = arrays["layers"]
-layer = layers[len(layers) // 2] if layer is None else int(layer)
-if layer not in layers:
-    raise GradsenseError(f"oracle layer {layer} is not among the extracted gradient layers {layers}")
+layer = oracle.choose_layer(layers, layer)
 missing = sorted(set(arrays["ids"]) - set(table["id"]))
 if missing:
     raise GradsenseError(f"gradients file has ids not in corrections.csv, e.g. {missing[0]}")
@@ -75,22 +76,39 @@ items = table.set_index("id").loc[arrays["ids"]].reset_index()
 items["row"] = np.arange(len(items))  # row in the gradient arrays
 grads = arrays["grads"][layers.index(layer)]
 model, tokenizer = gradsense.load_model(model_name, device=device)
-print(f"{len(items)} items with gradients, layer {layer}, grad norm median {np.median(np.linalg.norm(grads, axis=1)):.3g}")
+print(
+    f"{len(items)} items with gradients, layer {layer}, grad norm median {np.median(np.linalg.norm(grads, axis=1)):.3g}"
+)
 
 
 def run_steps(frame, grid, **kw):
     """Virtual steps for the rows of `frame` (a thin wrapper naming the columns)."""
-    return oracle.virtual_steps(model, tokenizer, frame["prompt"].tolist(), frame["target"].tolist(),
-                                frame["source"].tolist(), grads[frame["row"].to_numpy()], layer, grid,
-                                n_random=n_random, top_k=top_k, min_prob=min_prob, batch_size=batch_size, seed=seed,
-                                ids=frame["id"].tolist(), **kw)
+    return oracle.virtual_steps(
+        model,
+        tokenizer,
+        frame["prompt"].tolist(),
+        frame["target"].tolist(),
+        frame["source"].tolist(),
+        grads[frame["row"].to_numpy()],
+        layer,
+        grid,
+        n_random=n_random,
+        top_k=top_k,
+        min_prob=min_prob,
+        batch_size=batch_size,
+        seed=seed,
+        ids=frame["id"].tolist(),
+        **kw,
+    )
 
 
 # %% [markdown]
 # ## α sweep on training items (gradient, +g, random) and the labelling α
 
 # %%
-sweep_frame = oracle.stratified_sample(items[items["split"] == "train"], sweep_items, ["direction", "domain"], seed)
+# Even draws over the groups: ⌈n / groups⌉ seeded rows per group, then a seeded n of those.
+even = dict(order="shuffle_groups", fill="even", seed=seed)
+sweep_frame = stratified(items[items["split"] == "train"], ["direction", "domain"], sweep_items, **even)
 sweep = run_steps(sweep_frame, [0.0] + list(alphas))
 sweep = sweep.merge(sweep_frame[["id", "domain", "direction"]], on="id")
 chosen = oracle.choose_alpha(sweep, min_median_gain)
@@ -103,37 +121,61 @@ chosen
 # ## Labelling pass at the chosen α
 
 # %%
-label_frame = oracle.stratified_sample(items, max_items, ["split", "direction", "domain"], seed)
-shifts = oracle.item_shifts(model, tokenizer, label_frame["prompt"].tolist(), label_frame["target"].tolist(),
-                            label_frame["source"].tolist(), grads[label_frame["row"].to_numpy()], layer, alpha,
-                            top_k=top_k, min_prob=min_prob, batch_size=batch_size, seed=seed,
-                            ids=label_frame["id"].tolist())
+label_frame = stratified(items, ["split", "direction", "domain"], max_items, **even)
+shifts = item_shifts(
+    model,
+    tokenizer,
+    label_frame["prompt"].tolist(),
+    label_frame["target"].tolist(),
+    label_frame["source"].tolist(),
+    grads[label_frame["row"].to_numpy()],
+    layer,
+    alpha,
+    top_k=top_k,
+    min_prob=min_prob,
+    batch_size=batch_size,
+    seed=seed,
+    ids=label_frame["id"].tolist(),
+)
 shifts = label_frame.drop(columns="row").merge(shifts, on="id")
 teach = make_teacher(teacher, teacher_model, teacher_url, unclear_min_gain)
 records = [as_record(r) for r in shifts.to_dict("records")]
 shifts["label"] = label_records(teach, records, RESULTS / "teacher_cache.jsonl")
 parsed = pd.DataFrame([parse_label(t) for t in shifts["label"]])
-label_columns = ["id", "label", "domain", "direction", "split", "template_split", "fact_id", "prompt", "target",
-                 "source", "to_token", "from_token", "dlogp_target", "dlogp_source", "kl", "alpha", "layer"]
-save_jsonl(shifts[label_columns].to_dict("records"), RESULTS / "labels.jsonl")
-save_table(shifts.drop(columns=["label"]).assign(up_tokens=shifts["up_tokens"].map("|".join),
-                                                 down_tokens=shifts["down_tokens"].map("|".join)), RESULTS, "shifts")
+label_columns = [
+    "id",
+    "label",
+    "domain",
+    "direction",
+    "split",
+    "template_split",
+    "fact_id",
+    "prompt",
+    "target",
+    "source",
+    "to_token",
+    "from_token",
+    "dlogp_target",
+    "dlogp_source",
+    "kl",
+    "alpha",
+    "layer",
+]
+write_jsonl(shifts[label_columns].to_dict("records"), paths.labels, sort_keys=True)
+save_table(
+    shifts.drop(columns=["label"]).assign(
+        up_tokens=shifts["up_tokens"].map("|".join), down_tokens=shifts["down_tokens"].map("|".join)
+    ),
+    RESULTS,
+    "shifts",
+)
 shifts[["id", "domain", "direction", "target", "to_token", "from_token", "dlogp_target", "label"]].head(8)
 
 # %% [markdown]
 # ## Acceptance on the test items: −g raises the target; same-norm random directions barely move it
 
 # %%
-test = shifts[shifts["split"] == "test"]
-acceptance = {
-    "alpha": alpha, "layer": layer, "n_test": len(test),
-    "share_target_up": float((test["dlogp_target"] > 0).mean()),
-    "mean_dlogp_target": float(test["dlogp_target"].mean()),
-    "mean_abs_random_dlogp_target": float(test["random_dlogp_target"].abs().mean()),
-    "mean_opposite_dlogp_target": float(test["opposite_dlogp_target"].mean()),
-    "share_source_down": float((test["dlogp_source"] < 0).mean()),
-}
-acceptance["random_over_gradient"] = acceptance["mean_abs_random_dlogp_target"] / acceptance["mean_dlogp_target"]
+acceptance = {"alpha": alpha, "layer": layer} | validity.acceptance(shifts[shifts["split"] == "test"])
 save_json(acceptance, RESULTS / "acceptance.json")
 acceptance
 
@@ -141,19 +183,26 @@ acceptance
 # ## Oracle validity: the virtual step against one real SGD step on every weight
 
 # %%
-valid_frame = oracle.stratified_sample(items[items["split"] == "test"], validity_items, ["direction"], seed)
-validity, validity_tokens = oracle.real_step_validity(
-    model, tokenizer, valid_frame["prompt"].tolist(), valid_frame["target"].tolist(), valid_frame["source"].tolist(),
-    grads[valid_frame["row"].to_numpy()], layer, alpha, validity_lrs, top_n=validity_top_n, min_prob=min_prob,
-    seed=seed, ids=valid_frame["id"].tolist())
-validity = validity.merge(valid_frame[["id", "domain", "direction"]], on="id")
-save_table(validity, RESULTS, "validity")
-save_table(validity_tokens, RESULTS, "validity_tokens")
-metrics = ["spearman", "sign_target", "sign_source", "top_agree"]
-validity_summary = pd.DataFrame([
-    {"lr": lr, "step": name, **{m: float(part[f"{name}_{m}"].mean()) for m in metrics}}
-    for lr, part in validity.groupby("lr", sort=True) for name in ("virtual", "random")
-])
+valid_frame = stratified(items[items["split"] == "test"], ["direction"], validity_items, **even)
+steps, step_tokens = validity.real_step_validity(
+    model,
+    tokenizer,
+    valid_frame["prompt"].tolist(),
+    valid_frame["target"].tolist(),
+    valid_frame["source"].tolist(),
+    grads[valid_frame["row"].to_numpy()],
+    layer,
+    alpha,
+    validity_lrs,
+    top_n=validity_top_n,
+    min_prob=min_prob,
+    seed=seed,
+    ids=valid_frame["id"].tolist(),
+)
+steps = steps.merge(valid_frame[["id", "domain", "direction"]], on="id")
+save_table(steps, RESULTS, "validity")
+save_table(step_tokens, RESULTS, "validity_tokens")
+validity_summary = validity.validity_summary(steps)
 save_table(validity_summary, RESULTS, "validity_summary")
 validity_summary
 
@@ -161,11 +210,13 @@ validity_summary
 # ## Faithfulness and example labels
 
 # %%
-faith = oracle.faithfulness(shifts)
+faith = validity.faithfulness(shifts)
 save_table(faith, RESULTS, "faithfulness")
-examples = (shifts.groupby("domain", sort=True).head(examples_per_domain)
-            [["domain", "direction", "prompt", "target", "source", "label"]]
-            .assign(label=lambda f: f["label"].str.replace("\n", " — ")))
+examples = (
+    shifts.groupby("domain", sort=True)
+    .head(examples_per_domain)[["domain", "direction", "prompt", "target", "source", "label"]]
+    .assign(label=lambda f: f["label"].str.replace("\n", " — "))
+)
 save_table(examples, RESULTS, "example_labels")
 faith
 
@@ -174,8 +225,19 @@ faith
 
 # %%
 curve = sweep.copy()
-fig = sns.relplot(data=curve, x="alpha", y="dlogp_target", hue="control", col="direction", kind="line",
-                  errorbar=("pi", 50), estimator="median", marker="o", height=3.2, aspect=1.2)
+fig = sns.relplot(
+    data=curve,
+    x="alpha",
+    y="dlogp_target",
+    hue="control",
+    col="direction",
+    kind="line",
+    errorbar=("pi", 50),
+    estimator="median",
+    marker="o",
+    height=3.2,
+    aspect=1.2,
+)
 fig.set(xlabel="α (fraction of ‖h‖)", ylabel="Δ log p(target) [nats]")
 fig.refline(y=0, color="grey", lw=0.8)
 for ax in fig.axes.flat:  # symlog: α = 0 sits at the origin, the grid is roughly log-spaced
@@ -187,10 +249,10 @@ save_figure(fig.figure, FIGURES, "dlogp_vs_alpha")
 
 # %%
 lr0 = validity_lrs[0]
-tokens0 = validity_tokens[validity_tokens["lr"] == lr0]
+tokens0 = step_tokens[step_tokens["lr"] == lr0]
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
 for ax, name in zip(axes, ("virtual", "random")):
-    rho = validity[validity["lr"] == lr0][f"{name}_spearman"].mean()
+    rho = steps[steps["lr"] == lr0][f"{name}_spearman"].mean()
     ax.scatter(tokens0[name], tokens0["real"], s=6, alpha=0.5)
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
@@ -224,19 +286,21 @@ assert grad_sweep["dlogp_target"].median() > 0 > opp_sweep["dlogp_target"].media
 # Every label has the parseable head, built from the observed shift.
 assert parsed["domain"].notna().all() and parsed["to"].notna().all() and parsed["from"].notna().all()
 assert (parsed["domain"] == shifts["domain"].str.lower()).all()
-labels_back = pd.read_json(RESULTS / "labels.jsonl", lines=True, dtype={"id": str})
-assert len(labels_back) == len(shifts) and set(label_columns) <= set(labels_back.columns)
+# The labelled dataset on disk is the labelling pass: same ids, labels and observed tokens, in order.
+labels_back = pd.DataFrame(read_jsonl(paths.labels))
+assert list(labels_back.columns) == sorted(label_columns)
+assert labels_back["id"].tolist() == shifts["id"].tolist() and labels_back["label"].tolist() == shifts["label"].tolist()
+assert labels_back["to_token"].tolist() == shifts["to_token"].tolist()
 # Acceptance (measured): −g raises the target for ≥ 90% of test items; random same-norm steps move it < 1/10 as much.
 print(acceptance)
 assert acceptance["n_test"] > 0
 assert acceptance["share_target_up"] >= 0.9, acceptance
 assert acceptance["random_over_gradient"] < 0.1, acceptance
 # Validity: the virtual step ranks the real step's token shifts better than a random direction does.
-assert validity["real_dlogp_target"].gt(0).mean() >= 0.5
-assert validity["virtual_spearman"].mean() > validity["random_spearman"].mean()
-assert validity["virtual_sign_target"].mean() >= validity["random_sign_target"].mean()
-for name in ("labels.jsonl", "shifts.csv", "sweep.csv", "validity.csv", "faithfulness.tex", "example_labels.tex",
-             "alpha.json", "acceptance.json"):
-    assert (RESULTS / name).is_file(), name
-for name in ("dlogp_vs_alpha", "virtual_vs_real", "faithfulness"):
-    assert (FIGURES / f"{name}.png").is_file() and (FIGURES / f"{name}.pdf").is_file(), name
+assert steps["real_dlogp_target"].gt(0).mean() >= 0.5
+assert steps["virtual_spearman"].mean() > steps["random_spearman"].mean()
+assert steps["virtual_sign_target"].mean() >= steps["random_sign_target"].mean()
+# The saved tables are the computed ones (CSV keeps 6 significant digits).
+for name, frame in {"validity_summary": validity_summary, "faithfulness": faith}.items():
+    pd.testing.assert_frame_equal(pd.read_csv(RESULTS / f"{name}.csv"), frame, check_dtype=False, rtol=1e-5)
+assert pd.read_csv(RESULTS / "sweep.csv")["alpha"].tolist() == sweep["alpha"].tolist()

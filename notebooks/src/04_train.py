@@ -37,9 +37,7 @@ eval_every = 4
 n_examples = 2
 
 # %%
-import json
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -47,25 +45,23 @@ import pandas as pd
 import seaborn as sns
 
 import gradsense
-from gradsense.corrections import load_corrections
-from gradsense.gradients import load_gradients
-from gradsense.models import data_dir
-from gradsense.projector import (
-    DescriberConfig,
-    TrainConfig,
-    join_items,
-    load_describer,
+from gradsense.checkpoint import load_describer, read_meta, save_checkpoint
+from gradsense.describer import DescriberConfig
+from gradsense.inputs import (
+    contexts_path,
+    load_stage_inputs,
     read_contexts,
-    read_labels,
-    save_checkpoint,
     source_layer_of,
-    train_projector,
     training_items,
+    validation_set,
 )
+from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.seeding import seed_everything
+from gradsense.training import TrainConfig, train_projector
 
-RESULTS, FIGURES = Path("../results/train"), Path("../figures/train")
+paths = Paths("..")
+RESULTS, FIGURES = paths.results("train"), paths.figures("train")
 rng = seed_everything(seed)
 
 # %% [markdown]
@@ -74,18 +70,13 @@ rng = seed_everything(seed)
 # the validation split (trained templates and domains), spread over domains.
 
 # %%
-corrections = load_corrections("../results/corrections/corrections.csv")
-arrays = load_gradients("../results/gradients/gradients.npz")
-labels = read_labels("../results/oracle/labels.jsonl")
-contexts = read_contexts(data_dir() / "facts" / "contexts.csv")
+stage = load_stage_inputs(paths)
+contexts = read_contexts(contexts_path())
 neutral = contexts.loc[contexts["pool"] == "neutral", "text"].tolist()
-layer = source_layer_of(arrays["layers"], source_layer)
-grads = arrays["grads"][arrays["layers"].index(layer)]
-items = join_items(corrections, arrays["ids"], labels)
-train_items, val_pool = training_items(items, heldout_domain)
-val_set = (
-    val_pool.groupby("domain", sort=True).head(-(-val_items // max(val_pool["domain"].nunique(), 1))).head(val_items)
-)
+layer = source_layer_of(stage.arrays["layers"], source_layer)
+grads = stage.vectors("grads", layer)
+train_items, val_pool = training_items(stage.items, heldout_domain)
+val_set = validation_set(val_pool, val_items)
 summary = pd.DataFrame(
     {
         "set": ["train", "validation"],
@@ -137,7 +128,7 @@ describer, curve = train_projector(
 train_s = time.perf_counter() - start
 save_checkpoint(
     describer,
-    RESULTS / "checkpoint",
+    paths.checkpoint,
     model_name=model_name,
     extra={
         "heldout_domain": heldout_domain,
@@ -146,7 +137,9 @@ save_checkpoint(
         "train_seconds": round(train_s, 1),
     },
 )
-save_table(curve.drop(columns="seconds"), RESULTS, "training_curve")  # timings go to timing.json: the table stays reproducible
+save_table(
+    curve.drop(columns="seconds"), RESULTS, "training_curve"
+)  # timings go to timing.json: the table stays reproducible
 timing = {
     "train_seconds": train_s,
     "seconds_per_step": float(curve["seconds"].median()),
@@ -193,11 +186,10 @@ shown
 # ## Checks
 
 # %%
-meta = json.loads((RESULTS / "checkpoint" / "meta.json").read_text())
-assert (RESULTS / "checkpoint" / "projector.pt").is_file()
+meta = read_meta(paths.checkpoint)  # meta.json and projector.pt are there
 assert meta["config"]["source_layer"] == layer and meta["config"]["inject_layer"] == inject_layer
 assert meta["fingerprint"]["d_model"] == grads.shape[1] == model.config.hidden_size
-reloaded = load_describer(RESULTS / "checkpoint", model, tokenizer)  # the checkpoint loads back for this model
+reloaded = load_describer(paths.checkpoint, model, tokenizer)  # the checkpoint loads back for this model
 assert len(train_items) > 0 and heldout_domain not in set(train_items["domain"])
 assert set(train_items["split"]) == {"train"} and set(train_items["template_split"]) == {"train"}
 assert np.isfinite(curve["loss"]).all() and len(curve) == steps

@@ -36,37 +36,33 @@ max_new_tokens = 0
 n_boot = 200
 
 # %%
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
 import gradsense
+from gradsense import decoupling as dc
 from gradsense import evaluate as ev
-from gradsense.corrections import load_corrections
-from gradsense.gradients import load_gradients
-from gradsense.models import data_dir
-from gradsense.projector import join_items, load_describer, read_contexts, read_labels, source_layer_of
+from gradsense import forced_choice as fc
+from gradsense.checkpoint import load_describer
+from gradsense.inputs import contexts_path, load_stage_inputs, read_contexts
+from gradsense.paths import Paths
 from gradsense.report import save_figure, save_table
+from gradsense.sampling import stratified
 from gradsense.seeding import seed_everything
 
-RESULTS, FIGURES = Path("../results/evaluate"), Path("../figures/evaluate")
+PATHS = Paths("..")
+RESULTS, FIGURES = PATHS.results("evaluate"), PATHS.figures("evaluate")
 rng = seed_everything(seed)
 
 # %%
 model, tokenizer = gradsense.load_model(model_name, device=device)
-describer = load_describer("../results/train/checkpoint", model, tokenizer)
+describer = load_describer(PATHS.checkpoint, model, tokenizer)
 meta, config = describer.meta, describer.config
-arrays = load_gradients("../results/gradients/gradients.npz")
-grads = arrays["grads"][arrays["layers"].index(source_layer_of(arrays["layers"], config.source_layer))]
-items = join_items(
-    load_corrections("../results/corrections/corrections.csv"),
-    arrays["ids"],
-    read_labels("../results/oracle/labels.jsonl"),
-)
-passages = read_contexts(data_dir() / "facts" / "contexts.csv").query("pool == 'domain'")
+inputs = load_stage_inputs(PATHS)
+grads, items = inputs.vectors("grads", config.source_layer), inputs.items
+passages = read_contexts(contexts_path()).query("pool == 'domain'")
 heldout_domain = meta.get("heldout_domain")
 sets = {name: items.iloc[rows] for name, rows in ev.evaluation_sets(items, heldout_domain, max_items, seed).items()}
 pd.DataFrame(
@@ -89,17 +85,16 @@ scored = {
     for name, frame in sets.items()
     if len(frame)
 }
-test = sets["test subjects"]
-controls = ev.stratified(test, max_control_items, seed)
+test = sets[ev.TEST_SUBJECTS]
+controls = stratified(test, "domain", max_control_items, order="shuffle", seed=seed)
 for control in ("none", "noise"):
-    scored[("test subjects", control)] = ev.describe_items(describer, grads, controls, control, **options)
+    scored[(ev.TEST_SUBJECTS, control)] = ev.describe_items(describer, grads, controls, control, **options)
 # Shuffle: each item's own fact prompt is read as the passage while another item's gradient is injected (without a
 # passage the shuffle would only permute the same descriptions).
-scored[("test subjects", "shuffle")] = ev.describe_items(
+scored[(ev.TEST_SUBJECTS, "shuffle")] = ev.describe_items(
     describer, grads, controls, "shuffle", controls["prompt"].tolist(), **options
 )
-heldout = ev.heldout_table(scored, n_boot, seed)
-descriptions = pd.concat([frame.assign(set=name) for (name, _), frame in scored.items()], ignore_index=True)
+descriptions = ev.descriptions_table(scored)
 save_table(descriptions, RESULTS, "descriptions")
 
 # %% [markdown]
@@ -107,11 +102,11 @@ save_table(descriptions, RESULTS, "descriptions")
 # Distractors are labels of other items (any split); the no-injection row shows what the label prior alone picks.
 
 # %%
-chosen = ev.stratified(test.dropna(subset=["label"]), forced_choice_items, seed)
+chosen = stratified(test.dropna(subset=["label"]), "domain", forced_choice_items, order="shuffle", seed=seed)
 pool = items["label"].dropna().tolist()
 max_label_tokens = meta.get("train", {}).get("max_label_tokens")
 forced = {
-    control: ev.forced_choice(
+    control: fc.forced_choice(
         describer,
         grads[chosen["row"].to_numpy()],
         chosen["label"].tolist(),
@@ -124,14 +119,10 @@ forced = {
     )
     for control in ("gradient", "none")
 }
-fc_rows = [
-    row
-    for control, frame in forced.items()
-    for row in ev.rate_rows(
-        {"forced choice top-1": frame["correct"]}, n_boot, seed, set="test subjects", control=control
-    )
-]
-heldout = pd.concat([heldout, pd.DataFrame(fc_rows)], ignore_index=True)
+heldout = pd.concat(
+    [ev.heldout_table(scored, n_boot, seed), pd.DataFrame(fc.forced_choice_rows(forced, n_boot, seed))],
+    ignore_index=True,
+)
 save_table(heldout, RESULTS, "heldout")
 heldout.pivot_table(index=["set", "control"], columns="metric", values="estimate", sort=False).round(3)
 
@@ -144,48 +135,25 @@ heldout.pivot_table(index=["set", "control"], columns="metric", values="estimate
 domains = (
     decoupling_domains if decoupling_domains is not None else sorted(set(passages["domain"]) | set(test["domain"]))
 )
-plan = ev.decoupling_plan(
-    items.iloc[ev.evaluation_sets(items, heldout_domain, None, seed)["test subjects"]],
-    passages,
-    decoupling_per_pair,
-    domains,
-    seed,
-)
-decoupled = ev.decoupling(describer, grads, plan, items, tokenizer, batch_size, max_new_tokens, seed)
+test_pool = items.iloc[ev.evaluation_sets(items, heldout_domain, None, seed)[ev.TEST_SUBJECTS]]
+plan = dc.decoupling_plan(test_pool, passages, decoupling_per_pair, domains, seed)
+decoupled = dc.run_decoupling(describer, grads, plan, items, tokenizer, batch_size, max_new_tokens, seed)
 save_table(decoupled, RESULTS, "decoupling_items")
 # The seed's case on its own: history test gradients, each read inside a random biology passage.
-test_pool = items.iloc[ev.evaluation_sets(items, heldout_domain, None, seed)["test subjects"]]
-history = test_pool[test_pool["domain"] == "history"]
+seed_plan = dc.case_plan(test_pool, passages, "history", "biology", seed_case_items, seed)
 seed_case = decoupled.iloc[:0]
-if len(history) and (passages["domain"] == "biology").any():
-    seed_plan = ev.decoupling_plan(history, passages[passages["domain"] == "biology"], seed_case_items, None, seed)
-    seed_case = ev.decoupling(describer, grads, seed_plan, items, tokenizer, batch_size, max_new_tokens, seed)
+if seed_plan is not None:
+    seed_case = dc.run_decoupling(describer, grads, seed_plan, items, tokenizer, batch_size, max_new_tokens, seed)
 save_table(seed_case, RESULTS, "seed_case_items")
-summary_rows = []
-for name, frame in (("all pairs", decoupled), ("seed case: history gradient in a biology passage", seed_case)):
-    if len(frame):
-        summary_rows += ev.rate_rows(
-            {
-                "success (reports B)": frame["success"],
-                "leakage (reports A)": frame["leakage"],
-                "answer in 'to'": frame["answer_ok"],
-                "answer token in 'to'": frame["token_ok"],
-            },
-            n_boot,
-            seed,
-            pairs=name,
-        )
-decoupling_summary = pd.DataFrame(summary_rows)
+SEED_CASE = "seed case: history gradient in a biology passage"
+decoupling_summary = dc.decoupling_summary({"all pairs": decoupled, SEED_CASE: seed_case}, n_boot, seed)
 save_table(decoupling_summary, RESULTS, "decoupling")
-pair_rates = (
-    decoupled.groupby(["context_domain", "gradient_domain"], sort=True)[["success", "leakage"]].mean().reset_index()
-)
+pair_rates = dc.pair_rates(decoupled)
 save_table(pair_rates, RESULTS, "decoupling_pairs")
 decoupling_summary
 
 # %%
-success, leakage = ev.decoupling_matrix(decoupled, "success"), ev.decoupling_matrix(decoupled, "leakage")
-trained = [d for d in meta.get("trained_domains", sorted(set(test["domain"])))]
+success, leakage = dc.decoupling_matrix(decoupled, "success"), dc.decoupling_matrix(decoupled, "leakage")
 fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
 for ax, matrix, title in (
     (axes[0], success, "success: reports the gradient's domain B"),
@@ -203,7 +171,7 @@ save_figure(fig, FIGURES, "decoupling")
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 5))
-frame = scored[("test subjects", "gradient")]
+frame = scored[(ev.TEST_SUBJECTS, "gradient")]
 sns.heatmap(
     ev.confusion(frame["domain"], frame["reported_domain"], sorted(set(frame["domain"]))),
     vmin=0,
@@ -216,9 +184,7 @@ fig.tight_layout()
 save_figure(fig, FIGURES, "confusion_test_subjects")
 
 # %%
-plot = heldout[
-    heldout["metric"].isin(["domain accuracy", "answer token in 'to'", "names a domain", "forced choice top-1"])
-]
+plot = heldout[heldout["metric"].isin(["domain accuracy", "answer token in 'to'", "names a domain", fc.TOP_1])]
 plot = plot.assign(condition=plot["set"] + " · " + plot["control"])
 metrics, conditions = list(dict.fromkeys(plot["metric"])), list(dict.fromkeys(plot["condition"]))
 width = 0.8 / len(conditions)
@@ -248,26 +214,23 @@ save_figure(fig, FIGURES, "heldout")
 # %%
 assert heldout["estimate"].between(0, 1).all() and (heldout["low"] <= heldout["estimate"]).all()
 assert (heldout["estimate"] <= heldout["high"]).all() and (heldout["n"] > 0).all()
-assert len(scored[("test subjects", "gradient")]) > 0
+assert len(scored[(ev.TEST_SUBJECTS, "gradient")]) > 0
 assert set(heldout["control"]) >= {"gradient", "none", "noise", "shuffle"}
-shuffled = scored[("test subjects", "shuffle")]
+shuffled = scored[(ev.TEST_SUBJECTS, "shuffle")]
 assert (shuffled["id"] != shuffled["source_id"]).all() or len(shuffled) < 2  # every row read another item's gradient
 assert (decoupled["gradient_domain"] != decoupled["context_domain"]).all() and len(decoupled) > 0
 assert decoupled[["success", "leakage"]].sum(axis=1).max() <= 1  # a report cannot name both A and B
 assert all(np.isnan(success.loc[d, d]) for d in success.index if d in success.columns)  # no A = B pairs
 assert forced["gradient"]["rank"].between(0, n_choices - 1).all()
-if len(history):
-    assert len(seed_case) > 0 and "seed case" in " ".join(decoupling_summary["pairs"])
+if seed_plan is not None:
+    assert len(seed_case) > 0 and SEED_CASE in set(decoupling_summary["pairs"])
     assert (seed_case["gradient_domain"] == "history").all() and (seed_case["context_domain"] == "biology").all()
-for name in (
-    "heldout.csv",
-    "heldout.tex",
-    "decoupling.csv",
-    "decoupling.tex",
-    "decoupling_pairs.csv",
-    "descriptions.csv",
-):
-    assert (RESULTS / name).is_file(), name
-for name in ("decoupling", "confusion_test_subjects", "heldout"):
-    assert (FIGURES / f"{name}.png").is_file() and (FIGURES / f"{name}.pdf").is_file(), name
+# What was written is what was computed (read back, not only present).
+written = pd.read_csv(RESULTS / "heldout.csv")
+assert len(written) == len(heldout) and list(written["metric"]) == list(heldout["metric"])
+assert len(pd.read_csv(RESULTS / "descriptions.csv")) == len(descriptions)
+pairs_written = pd.read_csv(RESULTS / "decoupling_pairs.csv")
+assert len(pairs_written) == len(pair_rates)
+assert set(pairs_written.columns) == {"context_domain", "gradient_domain", "success", "leakage"}
+assert len(pd.read_csv(RESULTS / "decoupling_items.csv")) == len(decoupled)
 heldout.query("control == 'gradient' and metric == 'domain accuracy'")[["set", "estimate", "low", "high", "n"]]

@@ -34,68 +34,49 @@ n_boot = 200
 
 # %%
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 import gradsense
+from gradsense import controls as ct
+from gradsense import decoupling as dc
 from gradsense import evaluate as ev
-from gradsense.corrections import load_corrections
-from gradsense.gradients import load_gradients
-from gradsense.projector import (
-    join_items,
-    load_describer,
-    read_contexts,
-    read_labels,
-    training_items,
-    train_projector,
-    variant_configs,
-)
-from gradsense.models import data_dir
+from gradsense import main_table as mt
+from gradsense.checkpoint import load_describer, variant_configs
+from gradsense.inputs import contexts_path, load_stage_inputs, read_contexts, training_items
+from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.seeding import seed_everything
+from gradsense.training import train_projector
 
-RESULTS, FIGURES = Path("../results/ablations"), Path("../figures/ablations")
+PATHS = Paths("..")
+RESULTS, FIGURES = PATHS.results("ablations"), PATHS.figures("ablations")
 rng = seed_everything(seed)
 
 # %%
 model, tokenizer = gradsense.load_model(model_name, device=device)
-main = load_describer("../results/train/checkpoint", model, tokenizer)
+main = load_describer(PATHS.checkpoint, model, tokenizer)
 meta = main.meta
-arrays = load_gradients("../results/gradients/gradients.npz")
-vectors = {
-    kind: {layer: arrays[key][i] for i, layer in enumerate(arrays["layers"])}
-    for kind, key in (("gradient", "grads"), ("steering", "steering"))
-}
-items = join_items(
-    load_corrections("../results/corrections/corrections.csv"),
-    arrays["ids"],
-    read_labels("../results/oracle/labels.jsonl"),
-)
-neutral = read_contexts(data_dir() / "facts" / "contexts.csv").query("pool == 'neutral'")["text"].tolist()
+inputs = load_stage_inputs(PATHS)
+items = inputs.items
+VECTORS = {"gradient": "grads", "steering": "steering"}  # what a describer reads → its array in gradients.npz
+neutral = read_contexts(contexts_path()).query("pool == 'neutral'")["text"].tolist()
 train_items, _ = training_items(items, meta.get("heldout_domain"))
-described = pd.read_csv("../results/evaluate/descriptions.csv")
-main_test = described.query("set == 'test subjects' and control == 'gradient'")
-main_decoupled = pd.read_csv("../results/evaluate/decoupling_items.csv")
-test_all = items.set_index("id").loc[main_test["id"]].reset_index()
-plan_all = ev.replay_plan(main_decoupled, items, None)
+main_test = ev.main_test_rows(pd.read_csv(PATHS.descriptions))
+main_decoupled = pd.read_csv(PATHS.decoupling_items)
+test_all = ev.select_items(items, main_test["id"])
+plan_all = dc.replay_plan(main_decoupled, items, None)
 # Variants are scored on the controls stage's items; its "trained describer" and "steering vector" rows are the main
 # describer on them (re-scored there with the same decoding), so they are read, not recomputed.
-control_items = pd.read_csv("../results/controls/controls_items.csv")
-
-
-def stored(condition: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The controls stage's (test, decoupling) per-item frames of one condition."""
-    rows = control_items[control_items["condition"] == condition]
-    return rows[rows["part"] == "test"].reset_index(drop=True), rows[rows["part"] == "decoupling"].reset_index(drop=True)
-
-
-main_sub = stored("trained describer")
-test_sub = items.set_index("id").loc[main_sub[0]["id"]].reset_index()
-plan_sub = ev.replay_plan(main_sub[1], items, None)
-print(f"seeds: {len(test_all)} test items, {len(plan_all)} pairs; variants: {len(test_sub)} items, {len(plan_sub)} pairs")
+control_items = pd.read_csv(PATHS.controls_items)
+main_sub = ct.stored_condition(control_items, ct.TRAINED)
+test_sub = ev.select_items(items, main_sub[0]["id"])
+plan_sub = dc.replay_plan(main_sub[1], items, None)
+print(
+    f"seeds: {len(test_all)} test items, {len(plan_all)} pairs; variants: {len(test_sub)} items, {len(plan_sub)} pairs"
+)
 
 # %% [markdown]
 # ## Train and score every run
@@ -113,9 +94,15 @@ def train_run(overrides: dict):
     train_on = overrides.pop("train_on", "gradient")
     config, train = variant_configs(meta, overrides)
     run_model = model if config.lora_rank == 0 else gradsense.load_model(model_name, device=device)[0]
-    source = vectors[train_on][config.source_layer]
+    source = inputs.vectors(VECTORS[train_on], config.source_layer)
     describer, _ = train_projector(
-        run_model, tokenizer, source[train_items["row"].to_numpy()], train_items["label"].tolist(), config, train, neutral
+        run_model,
+        tokenizer,
+        source[train_items["row"].to_numpy()],
+        train_items["label"].tolist(),
+        config,
+        train,
+        neutral,
     )
     return describer
 
@@ -124,35 +111,28 @@ runs, timings = {}, []
 for run_seed in seeds:
     start = time.perf_counter()
     describer = train_run({"seed": run_seed})
-    layer = describer.config.source_layer
-    runs[("seed", f"seed {run_seed}")] = ev.core_evaluation(
-        describer, vectors["gradient"][layer], items, test_all, plan_all, **options, **domains
+    grads = inputs.vectors("grads", describer.config.source_layer)
+    runs[(mt.SEED, f"seed {run_seed}")] = mt.core_evaluation(
+        describer, grads, items, test_all, plan_all, **options, **domains
     )
     timings.append({"run": f"seed {run_seed}", "seconds": time.perf_counter() - start})
-runs[("main on subset", "main describer (seed 0)")] = main_sub
-runs[("transfer", "gradient-trained, tested on steering vectors")] = stored("steering vector")
+runs[(mt.MAIN_ON_SUBSET, "main describer (seed 0)")] = main_sub
+runs[(mt.TRANSFER, "gradient-trained, tested on steering vectors")] = ct.stored_condition(control_items, ct.STEERING)
 for variant in variants:
     start = time.perf_counter()
     overrides = {k: v for k, v in variant.items() if k != "name"}
     describer = train_run(overrides)
     layer = describer.config.source_layer
-    runs[("ablation", variant["name"])] = ev.core_evaluation(
-        describer, vectors["gradient"][layer], items, test_sub, plan_sub, **options, **domains
+    runs[(mt.ABLATION, variant["name"])] = mt.core_evaluation(
+        describer, inputs.vectors("grads", layer), items, test_sub, plan_sub, **options, **domains
     )
     if overrides.get("train_on") == "steering":
-        runs[("transfer", "steering-trained, tested on steering vectors")] = ev.core_evaluation(
-            describer, vectors["steering"][layer], items, test_sub, plan_sub, **options, **domains
+        runs[(mt.TRANSFER, "steering-trained, tested on steering vectors")] = mt.core_evaluation(
+            describer, inputs.vectors("steering", layer), items, test_sub, plan_sub, **options, **domains
         )
     timings.append({"run": variant["name"], "seconds": time.perf_counter() - start})
 save_json({"runs": timings}, RESULTS / "timing.json")  # timings stay out of the tables (reproducible)
-per_item = pd.concat(
-    [
-        frame.assign(group=group, condition=name, part=part)
-        for (group, name), pair in runs.items()
-        for part, frame in zip(("test", "decoupling"), pair)
-    ],
-    ignore_index=True,
-)
+per_item = mt.per_item_table(runs, ["group", "condition"])
 save_table(per_item, RESULTS, "ablation_items")
 
 # %% [markdown]
@@ -162,18 +142,10 @@ save_table(per_item, RESULTS, "ablation_items")
 
 # %%
 seed_runs = {f"seed {seed}": (main_test, main_decoupled)} | {
-    name: pair for (group, name), pair in runs.items() if group == "seed"
+    name: pair for (group, name), pair in runs.items() if group == mt.SEED
 }
-seed_rows = [row for name, (s, d) in seed_runs.items() for row in ev.core_rates(s, d, n_boot, seed, condition=name)]
-pooled_test = pd.concat([s for s, _ in seed_runs.values()], ignore_index=True)
-pooled_decoupled = pd.concat([d for _, d in seed_runs.values()], ignore_index=True)
-pooled = ev.core_rates(
-    pooled_test, pooled_decoupled, n_boot, seed, condition=f"describer, {len(seed_runs)} seeds pooled"
-)
-seeds_table = pd.DataFrame(seed_rows + pooled).assign(group="main result")
-spread = (
-    seeds_table[seeds_table["condition"].str.startswith("seed")].groupby("metric", sort=False)["estimate"].agg(["mean", "std", "min", "max"])
-)
+seeds_table = mt.seeds_table(seed_runs, n_boot, seed)
+spread = mt.seed_spread(seeds_table)
 save_table(seeds_table, RESULTS, "seeds")
 save_table(spread.reset_index(), RESULTS, "seed_spread")
 spread.round(3)
@@ -182,17 +154,9 @@ spread.round(3)
 # ## Ablations, transfer, and correcting vs counterfactual items
 
 # %%
-ablation_rows = [
-    row
-    for (group, name), (s, d) in runs.items()
-    if group != "seed"
-    for row in ev.core_rates(s, d, n_boot, seed, condition=name, group=group)
-]
-for direction in ("correct", "counterfactual"):  # the pooled main result split by the item's direction
-    s = pooled_test[pooled_test["direction"] == direction]
-    d = pooled_decoupled[pooled_decoupled["id"].isin(items.loc[items["direction"] == direction, "id"])]
-    label = "correcting an error" if direction == "correct" else "pushing a counterfactual"
-    ablation_rows += ev.core_rates(s, d, n_boot, seed, condition=f"{label} (seeds pooled)", group="direction")
+pooled_test, pooled_decoupled = mt.pool(list(seed_runs.values()))
+ablation_rows = mt.run_rows({key: pair for key, pair in runs.items() if key[0] != mt.SEED}, n_boot, seed)
+ablation_rows += mt.direction_rows(pooled_test, pooled_decoupled, items, n_boot, seed)
 ablations = pd.DataFrame(ablation_rows)
 save_table(ablations, RESULTS, "ablations")
 
@@ -202,13 +166,10 @@ save_table(ablations, RESULTS, "ablations")
 # bootstrap 95% CIs ("n/a": the condition cannot produce that metric).
 
 # %%
-controls = pd.read_csv("../results/controls/controls.csv")
-long = pd.concat(
-    [seeds_table[seeds_table["condition"].str.contains("pooled")], controls, ablations], ignore_index=True
-)
-long = long[long["metric"].isin([*ev.CORE_TEST, *ev.CORE_DECOUPLING])]
-save_table(long[["group", "condition", "metric", "estimate", "low", "high", "n"]], RESULTS, "main_table_long")
-table = ev.main_table(long)
+controls = pd.read_csv(PATHS.controls)
+long = mt.main_table_long(seeds_table, controls, ablations)
+save_table(long, RESULTS, "main_table_long")
+table = mt.main_table(long)
 save_table(table, RESULTS, "main_table")
 table
 
@@ -221,7 +182,10 @@ for ax, metric in zip(axes, metrics):
     part = long[long["metric"] == metric].set_index(["group", "condition"]).reindex(conditions)
     colors = [f"C{sorted(set(g for g, _ in conditions)).index(g)}" for g, _ in conditions]
     ax.errorbar(
-        part["estimate"], y, xerr=[part["estimate"] - part["low"], part["high"] - part["estimate"]], fmt="none",
+        part["estimate"],
+        y,
+        xerr=[part["estimate"] - part["low"], part["high"] - part["estimate"]],
+        fmt="none",
         ecolor="grey",
     )
     ax.scatter(part["estimate"], y, c=colors, zorder=3)
@@ -237,11 +201,12 @@ save_figure(fig, FIGURES, "main_table")
 # %%
 assert long["estimate"].between(0, 1).all() and (long["low"] <= long["estimate"]).all()
 assert (long["estimate"] <= long["high"]).all() and (long["n"] > 0).all()
-assert len(seed_runs) == len(seeds) + 1 and {"seed", "ablation", "transfer"} <= {g for g, _ in runs}
-pooled_success = long[(long["group"] == "main result") & (long["metric"] == "decoupling success")]
+assert len(seed_runs) == len(seeds) + 1 and {mt.SEED, mt.ABLATION, mt.TRANSFER} <= {g for g, _ in runs}
+pooled_success = mt.main_result(long).loc[["decoupling success"]]
 assert len(pooled_success) == 1 and pooled_success["n"].iloc[0] == len(pooled_decoupled)
-assert all(len(s) == len(test_sub) for (g, _), (s, _) in runs.items() if g != "seed")
-for name in ("main_table.csv", "main_table.tex", "seeds.csv", "ablations.csv"):
-    assert (RESULTS / name).is_file(), name
-assert (FIGURES / "main_table.png").is_file() and (FIGURES / "main_table.pdf").is_file()
+assert all(len(s) == len(test_sub) for (g, _), (s, _) in runs.items() if g != mt.SEED)
+# The written main table has one row per (group, condition) of the long form, "n/a" where a metric cannot exist.
+written = pd.read_csv(RESULTS / "main_table.csv", keep_default_na=False)
+assert len(written) == len(set(zip(long["group"], long["condition"]))) and len(written) == len(table)
+assert (written.loc[written["condition"] == ct.BACKWARD_LENS, "domain accuracy"] == "n/a").all()
 table

@@ -13,27 +13,30 @@ device = "auto"
 
 # %%
 import json
-from pathlib import Path
 
 import pandas as pd
 from IPython.display import Image, Markdown, display
 
-RESULTS, FIGURES = Path("../results"), Path("../figures")
+from gradsense import paper
+from gradsense.main_table import main_result
+from gradsense.paths import Paths
+
+PATHS = Paths("..")
 
 
 def table(stage: str, name: str) -> pd.DataFrame:
     """A result table of a stage."""
-    return pd.read_csv(RESULTS / stage / f"{name}.csv")
+    return pd.read_csv(PATHS.results(stage) / f"{name}.csv")
 
 
 def record(stage: str, name: str) -> dict:
     """A JSON record of a stage."""
-    return json.loads((RESULTS / stage / f"{name}.json").read_text())
+    return json.loads((PATHS.results(stage) / f"{name}.json").read_text())
 
 
 def figure(stage: str, name: str, caption: str) -> None:
     """Show a stage's figure with its caption (the PNG is embedded in the HTML report)."""
-    display(Image(filename=str(FIGURES / stage / f"{name}.png")))
+    display(Image(filename=str(PATHS.figures(stage) / f"{name}.png")))
     display(Markdown(f"**Figure ({stage}/{name}).** {caption}"))
 
 
@@ -52,10 +55,14 @@ shown: list[str] = []
 card = record("model_card", "model_card")
 accuracy = table("model_card", "fact_accuracy")
 answers = table("model_card", "fact_answers")
-show(accuracy, f"Probe facts answered by {card['model']}: {card['n_layers']} blocks, d = {card['d_model']}, "
-     f"{card['n_parameters'] / 1e6:.0f} M parameters, loaded in {card['load_s']} s on {card['device']}. "
-     f"Right answer more likely than a plausible wrong one for {answers['right_beats_wrong'].mean():.0%} of "
-     f"{len(answers)} facts; greedy decoding gives it for {answers['greedy_right'].mean():.0%}.")
+shares = paper.fact_answer_shares(answers)
+show(
+    accuracy,
+    f"Probe facts answered by {card['model']}: {card['n_layers']} blocks, d = {card['d_model']}, "
+    f"{card['n_parameters'] / 1e6:.0f} M parameters, loaded in {card['load_s']} s on {card['device']}. "
+    f"Right answer more likely than a plausible wrong one for {shares['right_beats_wrong']:.0%} of "
+    f"{len(answers)} facts; greedy decoding gives it for {shares['greedy_right']:.0%}.",
+)
 figure("model_card", "fact_answers", "Probability of the right answer per probe fact, and the per-domain shares.")
 shown += ["model_card/fact_accuracy", "model_card/fact_answers"]
 
@@ -63,13 +70,16 @@ shown += ["model_card/fact_accuracy", "model_card/fact_answers"]
 # ## 2 · Corrections (stage `corrections`, `01_corrections`)
 
 # %%
-corrections = pd.read_csv(RESULTS / "corrections" / "corrections.csv")
-prefers_right = corrections.loc[corrections["direction"] == "correct", "model_prefers_target"].mean()
+corrections = pd.read_csv(PATHS.corrections)
+prefers_right = paper.prefers_right_share(corrections)
 belief = table("corrections", "belief_by_domain")
-show(belief, f"{len(corrections)} corrections ({corrections['fact_id'].nunique()} facts × both directions) in "
-     f"{corrections['domain'].nunique()} domains. The model already prefers the right answer for "
-     f"{prefers_right:.0%} of facts, so most "
-     "'correct' rows reinforce a belief and most 'counterfactual' rows push against one.")
+show(
+    belief,
+    f"{len(corrections)} corrections ({corrections['fact_id'].nunique()} facts × both directions) in "
+    f"{corrections['domain'].nunique()} domains. The model already prefers the right answer for "
+    f"{prefers_right:.0%} of facts, so most "
+    "'correct' rows reinforce a belief and most 'counterfactual' rows push against one.",
+)
 figure("corrections", "belief_by_domain", "The model's own belief per domain: log p(right) − log p(wrong).")
 shown += ["corrections/belief_by_domain"]
 
@@ -79,43 +89,84 @@ shown += ["corrections/belief_by_domain"]
 # %%
 summary = record("gradients", "summary")
 probe = table("gradients", "domain_probe")
-best = probe[probe["features"] == "gradient"].sort_values("accuracy").iloc[-1]
-figure("gradients", "pca_by_domain", f"PCA of the activation gradients of {summary['n_items']} corrections at blocks "
-       f"{summary['layers']}, coloured by domain.")
+best = paper.best_gradient_probe(probe)
+figure(
+    "gradients",
+    "pca_by_domain",
+    f"PCA of the activation gradients of {summary['n_items']} corrections at blocks "
+    f"{summary['layers']}, coloured by domain.",
+)
 figure("gradients", "domain_cosines", "Mean cosine similarity of gradients (and activations) within vs across domains.")
-figure("gradients", "domain_probe", f"Linear probe of the domain from the gradient (held-out subjects and held-out "
-       f"templates) beside activations and shuffled labels; 95% bootstrap CIs. Best gradient probe: "
-       f"{best['accuracy']:.3f} [{best['low']:.3f}, {best['high']:.3f}] at block {best['layer']} ({best['split']}).")
+figure(
+    "gradients",
+    "domain_probe",
+    f"Linear probe of the domain from the gradient (held-out subjects and held-out "
+    f"templates) beside activations and shuffled labels; 95% bootstrap CIs. Best gradient probe: "
+    f"{best['accuracy']:.3f} [{best['low']:.3f}, {best['high']:.3f}] at block {best['layer']} ({best['split']}).",
+)
 show(probe, "Domain probe accuracies with 95% bootstrap CIs (`domain_probe.csv`).")
 lens = table("gradients", "backward_lens")
-figure("gradients", "backward_lens", "Backward Lens (training-free): −g through the final norm and unembedding; "
-       "hit@1 / hit@10 of the target's first visible token per layer.")
+figure(
+    "gradients",
+    "backward_lens",
+    "Backward Lens (training-free): −g through the final norm and unembedding; "
+    "hit@1 / hit@10 of the target's first visible token per layer.",
+)
 show(lens, "Backward Lens hit rates (`backward_lens.csv`).")
 figure("gradients", "gradient_steering_cosine", "Cosine between −g and the contrastive steering vector per layer.")
-figure("gradients", "gating_share", "Gating: share of the gradient's squared norm on the MLP units most active for "
-       "the prompt, against the uniform share.")
-shown += [f"gradients/{n}" for n in ("pca_by_domain", "domain_cosines", "domain_probe", "backward_lens",
-                                     "gradient_steering_cosine", "gating_share")]
+figure(
+    "gradients",
+    "gating_share",
+    "Gating: share of the gradient's squared norm on the MLP units most active for "
+    "the prompt, against the uniform share.",
+)
+shown += [
+    f"gradients/{n}"
+    for n in (
+        "pca_by_domain",
+        "domain_cosines",
+        "domain_probe",
+        "backward_lens",
+        "gradient_steering_cosine",
+        "gating_share",
+    )
+]
 
 # %% [markdown]
 # ## 4 · Lookahead oracle and teacher (stage `oracle`, `03_oracle`)
 
 # %%
 alpha, acceptance = record("oracle", "alpha"), record("oracle", "acceptance")
-figure("oracle", "dlogp_vs_alpha", f"Δlog p(target) against the virtual step size α (fraction of ‖h‖) at block "
-       f"{alpha['layer']} for −g, +g and random same-norm directions. The rule (smallest α whose median training "
-       f"gain ≥ {alpha['min_median_gain']} nat) picks α = {alpha['alpha']}. On {acceptance['n_test']} test items it "
-       f"raises log p(target) for {acceptance['share_target_up']:.0%} (mean {acceptance['mean_dlogp_target']:+.2f} "
-       f"nats); random directions move it {acceptance['random_over_gradient']:.3f}× as much.")
+figure(
+    "oracle",
+    "dlogp_vs_alpha",
+    f"Δlog p(target) against the virtual step size α (fraction of ‖h‖) at block "
+    f"{alpha['layer']} for −g, +g and random same-norm directions. The rule (smallest α whose median training "
+    f"gain ≥ {alpha['min_median_gain']} nat) picks α = {alpha['alpha']}. On {acceptance['n_test']} test items it "
+    f"raises log p(target) for {acceptance['share_target_up']:.0%} (mean {acceptance['mean_dlogp_target']:+.2f} "
+    f"nats); random directions move it {acceptance['random_over_gradient']:.3f}× as much.",
+)
 validity = table("oracle", "validity_summary")
-figure("oracle", "virtual_vs_real", "Virtual step vs one real SGD step on the weights: Δlog p over the top tokens, "
-       "with the rank correlation and a random-direction baseline.")
-show(validity, "Agreement of virtual and real steps per learning rate (Spearman ρ, sign of Δ target/source, top "
-     "promoted token), against random directions.")
-figure("oracle", "faithfulness", "How often the oracle's top promoted token is the item's target, per domain and direction.")
+figure(
+    "oracle",
+    "virtual_vs_real",
+    "Virtual step vs one real SGD step on the weights: Δlog p over the top tokens, "
+    "with the rank correlation and a random-direction baseline.",
+)
+show(
+    validity,
+    "Agreement of virtual and real steps per learning rate (Spearman ρ, sign of Δ target/source, top "
+    "promoted token), against random directions.",
+)
+figure(
+    "oracle",
+    "faithfulness",
+    "How often the oracle's top promoted token is the item's target, per domain and direction.",
+)
 show(table("oracle", "example_labels").head(12), "Example teacher labels (the parseable head, then one sentence).")
-shown += [f"oracle/{n}" for n in ("dlogp_vs_alpha", "virtual_vs_real", "validity_summary", "faithfulness",
-                                  "example_labels")]
+shown += [
+    f"oracle/{n}" for n in ("dlogp_vs_alpha", "virtual_vs_real", "validity_summary", "faithfulness", "example_labels")
+]
 
 # %% [markdown]
 # ## 5 · The describer (stages `train`, `evaluate`; `04_train`, `05_evaluate`)
@@ -123,12 +174,18 @@ shown += [f"oracle/{n}" for n in ("dlogp_vs_alpha", "virtual_vs_real", "validity
 # %%
 figure("train", "training_curve", "Training curve of the projector (label loss on training and validation items).")
 heldout = table("evaluate", "heldout")
-show(heldout, "Held-out evaluation with 95% bootstrap CIs: domain accuracy, answer identification, forced choice, "
-     "false positives under no injection and noise, and the shuffled-gradient control.")
+show(
+    heldout,
+    "Held-out evaluation with 95% bootstrap CIs: domain accuracy, answer identification, forced choice, "
+    "false positives under no injection and noise, and the shuffled-gradient control.",
+)
 figure("evaluate", "heldout", "Held-out rates per set and control.")
 decoupling = table("evaluate", "decoupling")
-show(decoupling, "Decoupling: a passage from domain A read while a gradient from domain B ≠ A is injected. "
-     "Success = reports B, leakage = reports A; the seed's case (a history gradient in a biology passage) on its own line.")
+show(
+    decoupling,
+    "Decoupling: a passage from domain A read while a gradient from domain B ≠ A is injected. "
+    "Success = reports B, leakage = reports A; the seed's case (a history gradient in a biology passage) on its own line.",
+)
 figure("evaluate", "decoupling", "Decoupling matrices: success and leakage per (passage domain, gradient domain).")
 figure("evaluate", "confusion_test_subjects", "Reported vs true domain on held-out subjects.")
 shown += ["train/training_curve", "evaluate/heldout", "evaluate/decoupling", "evaluate/confusion_test_subjects"]
@@ -138,37 +195,54 @@ shown += ["train/training_curve", "evaluate/heldout", "evaluate/decoupling", "ev
 
 # %%
 controls = table("controls", "controls")
-figure("controls", "controls", "Every control on the same held-out items as the main result: no injection, "
-       "norm-matched noise, the steering vector and an untrained projector through the describer, the text-only "
-       "reference, Backward Lens and a linear probe on g (95% bootstrap CIs).")
-show(controls.pivot_table(index="condition", columns="metric", values="estimate", sort=False),
-     "Control rates (`controls.csv` has each CI and n).")
+figure(
+    "controls",
+    "controls",
+    "Every control on the same held-out items as the main result: no injection, "
+    "norm-matched noise, the steering vector and an untrained projector through the describer, the text-only "
+    "reference, Backward Lens and a linear probe on g (95% bootstrap CIs).",
+)
+show(
+    controls.pivot_table(index="condition", columns="metric", values="estimate", sort=False),
+    "Control rates (`controls.csv` has each CI and n).",
+)
 shown += ["controls/controls"]
 
 # %% [markdown]
 # ## 7 · Seeds, ablations and the main table (stage `ablations`, `07_ablations`)
 
 # %%
-main = pd.read_csv(RESULTS / "ablations" / "main_table.csv", keep_default_na=False)  # keep its "n/a" cells
+main = pd.read_csv(PATHS.results("ablations") / "main_table.csv", keep_default_na=False)  # keep its "n/a" cells
 long = table("ablations", "main_table_long")
-pooled = long[long["condition"].str.contains("pooled") & (long["group"] == "main result")].set_index("metric")
+pooled = main_result(long)
 success, leakage = pooled.loc["decoupling success"], pooled.loc["decoupling leakage"]
-display(Markdown(
-    f"**Main result.** Reading a passage from domain A while a gradient from domain B ≠ A is injected, the describer "
-    f"(seeds pooled) reports B for {success['estimate']:.2f} [{success['low']:.2f}, {success['high']:.2f}] of "
-    f"{int(success['n'])} (pair, seed) rows and A for {leakage['estimate']:.2f} [{leakage['low']:.2f}, "
-    f"{leakage['high']:.2f}]; held-out-subject domain accuracy {pooled.loc['domain accuracy', 'estimate']:.2f} "
-    f"[{pooled.loc['domain accuracy', 'low']:.2f}, {pooled.loc['domain accuracy', 'high']:.2f}]."
-))
-show(main, "**Main table** (`ablations/main_table.csv`, `.tex`): estimate [95% bootstrap CI] per condition. Groups: "
-     "the main result (seeds pooled), the controls, the main describer re-scored on the ablation subset, the "
-     "ablations (each one setting changed), gradient ↔ steering transfer, and correcting vs counterfactual items; "
-     "n/a = the condition cannot give that metric.")
-figure("ablations", "main_table", "The main table as a figure: domain accuracy, decoupling success and leakage "
-       "with 95% bootstrap CIs for every condition.")
+display(
+    Markdown(
+        f"**Main result.** Reading a passage from domain A while a gradient from domain B ≠ A is injected, the describer "
+        f"(seeds pooled) reports B for {success['estimate']:.2f} [{success['low']:.2f}, {success['high']:.2f}] of "
+        f"{int(success['n'])} (pair, seed) rows and A for {leakage['estimate']:.2f} [{leakage['low']:.2f}, "
+        f"{leakage['high']:.2f}]; held-out-subject domain accuracy {pooled.loc['domain accuracy', 'estimate']:.2f} "
+        f"[{pooled.loc['domain accuracy', 'low']:.2f}, {pooled.loc['domain accuracy', 'high']:.2f}]."
+    )
+)
+show(
+    main,
+    "**Main table** (`ablations/main_table.csv`, `.tex`): estimate [95% bootstrap CI] per condition. Groups: "
+    "the main result (seeds pooled), the controls, the main describer re-scored on the ablation subset, the "
+    "ablations (each one setting changed), gradient ↔ steering transfer, and correcting vs counterfactual items; "
+    "n/a = the condition cannot give that metric.",
+)
+figure(
+    "ablations",
+    "main_table",
+    "The main table as a figure: domain accuracy, decoupling success and leakage "
+    "with 95% bootstrap CIs for every condition.",
+)
 seeds = table("ablations", "seeds")
-show(seeds.pivot_table(index="condition", columns="metric", values="estimate", sort=False),
-     "The main result per seed and pooled (`seeds.csv` has the CIs).")
+show(
+    seeds.pivot_table(index="condition", columns="metric", values="estimate", sort=False),
+    "The main result per seed and pooled (`seeds.csv` has the CIs).",
+)
 show(table("ablations", "seed_spread"), "Spread of each rate over seeds (mean, standard deviation, min, max).")
 shown += ["ablations/main_table", "ablations/seeds", "ablations/seed_spread"]
 
@@ -178,7 +252,8 @@ shown += ["ablations/main_table", "ablations/seeds", "ablations/seed_spread"]
 # %%
 for name in shown:
     stage, item = name.split("/")
-    assert (FIGURES / stage / f"{item}.png").is_file() or (RESULTS / stage / f"{item}.csv").is_file(), name
-assert 0 <= acceptance["share_target_up"] <= 1 and summary["n_items"] == len(pd.read_csv(RESULTS / "gradients" / "index.csv"))
+    assert (PATHS.figures(stage) / f"{item}.png").is_file() or (PATHS.results(stage) / f"{item}.csv").is_file(), name
+assert 0 <= acceptance["share_target_up"] <= 1
+assert summary["n_items"] == len(pd.read_csv(PATHS.results("gradients") / "index.csv"))
 assert set(decoupling.columns) >= {"estimate", "low", "high"}
 assert 0 <= success["estimate"] <= 1 and 0 <= leakage["estimate"] <= 1 and len(main) == len(main.drop_duplicates())

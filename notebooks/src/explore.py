@@ -7,9 +7,11 @@
 # (`results/train/checkpoint`). The command line does the same: `gradsense describe --prompt … --right …`.
 
 # %%
-from gradsense.projector import describe, load_describer
+from gradsense.checkpoint import load_describer
+from gradsense.items import describe
+from gradsense.paths import Paths
 
-describer = load_describer("../results/train/checkpoint", device="auto")  # loads the model named in the checkpoint
+describer = load_describer(Paths("..").checkpoint, device="auto")  # loads the model named in the checkpoint
 print(describer.meta.get("model_name") or "SmolLM2-135M-Instruct", describer.config)
 
 

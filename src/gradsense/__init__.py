@@ -6,6 +6,13 @@ from gradsense.models import load_model
 from gradsense.oracle import virtual_step, virtual_steps
 from gradsense.teacher import TemplateTeacher, parse_label
 
-__all__ = ["GradsenseError", "TemplateTeacher", "activation_gradients", "load_model", "parse_label", "virtual_step",
-           "virtual_steps"]
+__all__ = [
+    "GradsenseError",
+    "TemplateTeacher",
+    "activation_gradients",
+    "load_model",
+    "parse_label",
+    "virtual_step",
+    "virtual_steps",
+]
 __version__ = "0.1.0"

@@ -124,18 +124,18 @@ def probe_table(
         for i, layer in enumerate(layers):
             correct = probe_predictions(array[i], labels, train, test, seed, shuffle) == truth
             acc, low, high = bootstrap_ci(correct.astype(float), n_boot=n_boot, seed=seed)
-            rows.append({"features": name, "layer": layer, "accuracy": acc, "low": low, "high": high,
-                         "n_test": len(truth), "majority": float(np.mean(truth == majority))})
+            rows.append(
+                {
+                    "features": name,
+                    "layer": layer,
+                    "accuracy": acc,
+                    "low": low,
+                    "high": high,
+                    "n_test": len(truth),
+                    "majority": float(np.mean(truth == majority)),
+                }
+            )
     return pd.DataFrame(rows)
-
-
-def first_content_token(tokenizer, text: str) -> int:
-    """The first token of `text` that is not only whitespace (" 1066" → "1", not the bare space token)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    for token in ids:
-        if tokenizer.decode([token]).strip():
-            return int(token)
-    raise GradsenseError(f"target {text!r} has no token that is not whitespace")
 
 
 @torch.no_grad()
@@ -172,8 +172,9 @@ def backward_lens(model, vectors: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     return np.stack([lens_ranks(layer_vectors, tokens, norm, unembed) for layer_vectors in vectors])
 
 
-def lens_table(ranks: np.ndarray, layers: Sequence[int], ks: Sequence[int] = (1, 10), n_boot: int = 1000,
-               seed: int = 0) -> pd.DataFrame:
+def lens_table(
+    ranks: np.ndarray, layers: Sequence[int], ks: Sequence[int] = (1, 10), n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """hit@k with a bootstrap CI per layer from (L, N) ranks."""
     rows = []
     for i, layer in enumerate(layers):
@@ -195,12 +196,20 @@ def gating_share(weights: np.ndarray, acts: np.ndarray, k: int) -> np.ndarray:
         raise GradsenseError(f"k={k} outside 1..{acts.shape[-1]} units")
     top = np.argpartition(-acts, k - 1, axis=-1)[..., :k]
     total = weights.sum(-1)
-    return np.divide(np.take_along_axis(weights, top, -1).sum(-1), total, out=np.full(total.shape, np.nan),
-                     where=total > 0)
+    return np.divide(
+        np.take_along_axis(weights, top, -1).sum(-1), total, out=np.full(total.shape, np.nan), where=total > 0
+    )
 
 
-def gating_table(weights: np.ndarray, acts: np.ndarray, layers: Sequence[int], fractions: Sequence[float],
-                 control_acts: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def gating_table(
+    weights: np.ndarray,
+    acts: np.ndarray,
+    layers: Sequence[int],
+    fractions: Sequence[float],
+    control_acts: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Per layer and top-k fraction: mean share of the gradient's squared norm on the prompt's top-k active units
     (bootstrap CI over items), beside the uniform share k/d and, optionally, the share on another prompt's top-k."""
     d = acts.shape[-1]
@@ -225,3 +234,138 @@ def cosine_table(cos: np.ndarray, layers: Sequence[int], n_boot: int = 1000, see
         est, low, high = bootstrap_ci(cos[i], n_boot=n_boot, seed=seed)
         rows.append({"layer": layer, "mean": est, "low": low, "high": high, "n": cos.shape[1]})
     return pd.DataFrame(rows)
+
+
+def norms_table(arrays: Mapping[str, np.ndarray], layers: Sequence[int]) -> pd.DataFrame:
+    """Median L2 norm over items of each (L, N, d) array (kind → array) per layer; rows by layer, then kind."""
+    return pd.DataFrame(
+        [
+            {"layer": layer, "kind": kind, "median_norm": float(np.median(np.linalg.norm(array[i], axis=-1)))}
+            for i, layer in enumerate(layers)
+            for kind, array in arrays.items()
+        ]
+    )
+
+
+def pca_table(
+    features: Mapping[str, np.ndarray], layers: Sequence[int], domains: Sequence, seed: int = 0
+) -> pd.DataFrame:
+    """Per features × layer × item: the first two principal coordinates (`pca_2d`), the domain, and the variance
+    the two components explain."""
+    parts = []
+    for name, array in features.items():
+        for i, layer in enumerate(layers):
+            coords, explained = pca_2d(array[i], seed)
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "features": name,
+                        "layer": layer,
+                        "pc1": coords[:, 0],
+                        "pc2": coords[:, 1],
+                        "domain": np.asarray(domains),
+                        "explained": explained.sum(),
+                    }
+                )
+            )
+    return pd.concat(parts, ignore_index=True)
+
+
+def domain_cosine_table(
+    features: Mapping[str, np.ndarray],
+    layers: Sequence[int],
+    domains: Sequence,
+    groups: Sequence | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Per features × layer: mean within- and across-domain cosine (`domain_cosines`) and the per-item margin
+    within − across with a bootstrap CI over the items that have both."""
+    rows = []
+    for name, array in features.items():
+        for i, layer in enumerate(layers):
+            per_item = domain_cosines(array[i], domains, groups)
+            margin = (per_item["within"] - per_item["across"]).dropna().to_numpy()
+            est, low, high = bootstrap_ci(margin, n_boot=n_boot, seed=seed)
+            rows.append(
+                {
+                    "features": name,
+                    "layer": layer,
+                    "within": per_item["within"].mean(),
+                    "across": per_item["across"].mean(),
+                    "margin": est,
+                    "low": low,
+                    "high": high,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def lens_target_vs_source(ranks: np.ndarray, layers: Sequence[int], distinct: np.ndarray) -> pd.DataFrame:
+    """Per layer: share of items (with distinct target and source tokens) whose target ranks above the source in
+    (L, N, 2) lens ranks (…, 0 = target, …, 1 = source)."""
+    distinct = np.asarray(distinct, bool)
+    return pd.DataFrame(
+        [
+            {
+                "layer": layer,
+                "target_above_source": float(np.mean(ranks[i, distinct, 0] < ranks[i, distinct, 1])),
+                "n": int(distinct.sum()),
+            }
+            for i, layer in enumerate(layers)
+        ]
+    )
+
+
+def steering_cosine_table(
+    grads: np.ndarray,
+    steering: np.ndarray,
+    directions: Sequence[str],
+    layers: Sequence[int],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """cos(−g, s) per layer (mean, bootstrap CI) for the same item, for a seeded shuffle of the items (the null:
+    each −g against another item's s), and for the same item within each direction."""
+    directions = np.asarray(directions)
+    cos = row_cosine(-grads, steering)
+    null = row_cosine(-grads, steering[:, np.random.default_rng(seed).permutation(grads.shape[1])])
+    return pd.concat(
+        [
+            cosine_table(cos, layers, n_boot, seed).assign(pairs="same item"),
+            cosine_table(null, layers, n_boot, seed).assign(pairs="shuffled items"),
+            *[
+                cosine_table(cos[:, directions == d], layers, n_boot, seed).assign(pairs=f"same item, {d}")
+                for d in sorted(set(directions.tolist()))
+            ],
+        ],
+        ignore_index=True,
+    )
+
+
+GATING_SITES = {"unit_grads": "∂L/∂u (down_proj input)", "unit_input_grad_sq": "∂L/∂(gate, up) (unit inputs)"}
+
+
+def gating_sites_table(
+    unit_grads: np.ndarray,
+    unit_input_grad_sq: np.ndarray,
+    unit_acts: np.ndarray,
+    layers: Sequence[int],
+    fractions: Sequence[float],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """`gating_table` at the two sites of the MLP units: ‖∂L/∂u‖² (down_proj input) and the squared gradient at the
+    units' inputs; the control scores each item with the previous item's active units (a roll by one)."""
+    control = np.roll(unit_acts, 1, axis=1)
+    return pd.concat(
+        [
+            gating_table(unit_grads**2, unit_acts, layers, fractions, control, n_boot, seed).assign(
+                site=GATING_SITES["unit_grads"]
+            ),
+            gating_table(unit_input_grad_sq, unit_acts, layers, fractions, control, n_boot, seed).assign(
+                site=GATING_SITES["unit_input_grad_sq"]
+            ),
+        ],
+        ignore_index=True,
+    )

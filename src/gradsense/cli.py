@@ -22,16 +22,24 @@ def _fetch_data(args: argparse.Namespace) -> None:
 
 
 def _describe(args: argparse.Namespace) -> None:
-    from gradsense.projector import describe, read_items, write_jsonl
+    from gradsense.files import writable_parent, write_jsonl
+    from gradsense.items import describe, read_items
 
     control = "none" if args.no_inject else "noise" if args.noise else "shuffle" if args.shuffle else "gradient"
-    options = {"checkpoint": args.checkpoint, "control": control, "seed": args.seed, "device": args.device,
-               "max_new_tokens": args.max_new_tokens}
+    options = {
+        "checkpoint": args.checkpoint,
+        "control": control,
+        "seed": args.seed,
+        "device": args.device,
+        "max_new_tokens": args.max_new_tokens,
+    }
     if args.input is not None:
         if args.prompt is not None or args.output is None:
             raise GradsenseError("give either --input FILE --output FILE, or --prompt P --right R")
-        records = describe(read_items(args.input), **options)
-        write_jsonl(records, args.output)
+        items = read_items(args.input)
+        writable_parent(args.output)  # before the model loads: a bad --output fails at once, not after the run
+        records = describe(items, **options)
+        write_jsonl(records, args.output, sort_keys=False)  # fields in the order id, description, domain, from, to
         print(f"{len(records)} descriptions written to {args.output}")
         return
     if args.prompt is None or args.right is None:

@@ -10,7 +10,6 @@ prompt with `scoring.target_text(answer)`.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,7 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradsense.errors import GradsenseError
+from gradsense.files import atomic_path
 from gradsense.models import data_dir
+from gradsense.sampling import stratified
 from gradsense.scoring import score_targets, target_text, tokenize_prompt, tokenize_target
 
 FACT_FILES = ("counterfact.csv", "history.csv", "biology.csv")
@@ -30,8 +31,23 @@ SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 # The contract other stages read: keep these names and this order.
 COLUMNS = [
-    "id", "fact_id", "domain", "relation", "subject", "prompt", "right", "wrong", "direction", "target", "source",
-    "split", "template_split", "logp_target", "logp_source", "greedy_target", "model_prefers_target",
+    "id",
+    "fact_id",
+    "domain",
+    "relation",
+    "subject",
+    "prompt",
+    "right",
+    "wrong",
+    "direction",
+    "target",
+    "source",
+    "split",
+    "template_split",
+    "logp_target",
+    "logp_source",
+    "greedy_target",
+    "model_prefers_target",
 ]
 
 
@@ -90,13 +106,10 @@ def sample_facts(facts: pd.DataFrame, per_domain: int | None, seed: int = 0) -> 
         return facts.sort_values("fact_id", kind="stable").reset_index(drop=True)
     if not isinstance(per_domain, int) or per_domain < 1:
         raise GradsenseError(f"per_domain must be a positive integer or None, not {per_domain!r}")
-    order = facts.assign(_key=[_key(seed, "sample", f) for f in facts["fact_id"]])
-    order = order.sort_values(["domain", "relation", "_key"], kind="stable")
+    keyed = facts.assign(_key=[_key(seed, "sample", f) for f in facts["fact_id"]])
     # Round-robin: the k-th fact of every template comes before the (k+1)-th of any, so templates stay balanced.
-    order["_rank"] = order.groupby(["domain", "relation"]).cumcount()
-    order = order.sort_values(["domain", "_rank", "relation"], kind="stable")
-    order = order.groupby("domain", sort=True).head(per_domain)
-    return order.drop(columns=["_key", "_rank"]).sort_values("fact_id", kind="stable").reset_index(drop=True)
+    sampled = stratified(keyed, "domain", per_group=per_domain, within="relation", order=["relation", "_key"])
+    return sampled.drop(columns="_key").sort_values("fact_id", kind="stable").reset_index(drop=True)
 
 
 def check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
@@ -163,10 +176,15 @@ def expand_directions(facts: pd.DataFrame, directions: Sequence[str] = DIRECTION
     parts = []
     for rank, direction in enumerate(check_directions(directions)):
         correct = direction == "correct"
-        parts.append(facts.assign(
-            id=facts["fact_id"] + "-" + direction, direction=direction, _rank=rank,
-            target=facts["right"] if correct else facts["wrong"], source=facts["wrong"] if correct else facts["right"],
-        ))
+        parts.append(
+            facts.assign(
+                id=facts["fact_id"] + "-" + direction,
+                direction=direction,
+                _rank=rank,
+                target=facts["right"] if correct else facts["wrong"],
+                source=facts["wrong"] if correct else facts["right"],
+            )
+        )
     rows = pd.concat(parts).sort_values(["fact_id", "_rank"], kind="stable")
     return rows.drop(columns="_rank").reset_index(drop=True)
 
@@ -219,10 +237,15 @@ def record_belief(table: pd.DataFrame, model: nn.Module, tokenizer, batch_size: 
         scored = score_targets(model, tokenizer, [prompts[i] for i in part], [answers[i] for i in part], batch_size)
         logp[part], greedy[part] = scored["logp"], scored["greedy"]
     n = len(facts)
-    belief = pd.DataFrame({
-        "fact_id": facts["fact_id"], "logp_right": logp[:n], "logp_wrong": logp[n:],
-        "greedy_right": greedy[:n], "greedy_wrong": greedy[n:],
-    })
+    belief = pd.DataFrame(
+        {
+            "fact_id": facts["fact_id"],
+            "logp_right": logp[:n],
+            "logp_wrong": logp[n:],
+            "greedy_right": greedy[:n],
+            "greedy_wrong": greedy[n:],
+        }
+    )
     rows = table.merge(belief, on="fact_id", how="left", validate="many_to_one")
     bad = ~np.isfinite(rows[["logp_right", "logp_wrong"]].to_numpy()).all(axis=1)
     if bad.any():
@@ -271,16 +294,51 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     return summary.sort_values(["domain", "split"])[columns].reset_index(drop=True)
 
 
+def belief_by_domain(table: pd.DataFrame) -> pd.DataFrame:
+    """`summarize` per domain over every split together (no split column)."""
+    return summarize(table.assign(split="train")).drop(columns="split")
+
+
+def fact_margins(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per fact (its first row) with `margin` = log p(right) − log p(wrong), whatever the row's direction."""
+    return table.drop_duplicates("fact_id").assign(
+        margin=lambda t: np.where(t["direction"] == "correct", 1, -1) * (t["logp_target"] - t["logp_source"])
+    )
+
+
+def template_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """Facts per domain × relation template × template split (held out or not)."""
+    return (
+        table.drop_duplicates("fact_id")
+        .groupby(["domain", "relation", "template_split"])
+        .size()
+        .rename("n_facts")
+        .reset_index()
+    )
+
+
+def corrections_facts(table: pd.DataFrame, heldout_domain: str, seed: int = 0) -> dict:
+    """The corrections stage's key facts: rows, facts, domains, the held-out domain's rows, the held-out template
+    per domain and the share of facts whose right answer the model prefers."""
+    _, test = heldout_domain_masks(table, heldout_domain)
+    return {
+        "n_rows": len(table),
+        "n_facts": table["fact_id"].nunique(),
+        "domains": sorted(table["domain"].unique()),
+        "heldout_domain": heldout_domain,
+        "heldout_domain_rows": int(test.sum()),
+        "heldout_templates": heldout_templates(table.drop_duplicates("fact_id"), seed),
+        "prefers_right": float((fact_margins(table)["margin"] > 0).mean()),
+    }
+
+
 def save_corrections(table: pd.DataFrame, path: str | Path) -> Path:
-    """Write the table as CSV atomically (a temp file renamed into place), checking the column contract first."""
+    """Write the table as CSV atomically, checking the column contract first."""
     if list(table.columns) != COLUMNS:
         raise GradsenseError(f"corrections table columns {list(table.columns)} differ from the contract {COLUMNS}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    table.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    return Path(path)
 
 
 def load_corrections(path: str | Path) -> pd.DataFrame:
@@ -288,8 +346,24 @@ def load_corrections(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise GradsenseError(f"corrections table {path} is missing (run the corrections stage)")
-    strings = {c: str for c in ("id", "fact_id", "domain", "relation", "subject", "prompt", "right", "wrong",
-                                "direction", "target", "source", "split", "template_split")}
+    strings = {
+        c: str
+        for c in (
+            "id",
+            "fact_id",
+            "domain",
+            "relation",
+            "subject",
+            "prompt",
+            "right",
+            "wrong",
+            "direction",
+            "target",
+            "source",
+            "split",
+            "template_split",
+        )
+    }
     table = pd.read_csv(path, dtype=strings, keep_default_na=False)
     if list(table.columns) != COLUMNS:
         raise GradsenseError(f"corrections table {path} has columns {list(table.columns)}, not the contract {COLUMNS}")

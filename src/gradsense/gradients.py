@@ -9,7 +9,6 @@ differentiated in the same call. Layer ℓ = output of block ℓ = HF `hidden_st
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradsense.errors import GradsenseError
+from gradsense.files import atomic_path
 from gradsense.hooks import edit_block_outputs, edit_module_io
 from gradsense.models import blocks, check_layer, model_device, n_layers
+from gradsense.sampling import stratified
 from gradsense.scoring import Batch, batches, encode, target_text, tokenize_prompt, tokenize_target
 
 POSITIONS = ("last", "target")
@@ -47,8 +48,14 @@ class ActivationGradients:
     @property
     def index(self) -> pd.DataFrame:
         """One row per item: its row number, id, loss and number of target tokens."""
-        return pd.DataFrame({"row": np.arange(len(self.ids)), "id": self.ids, "loss": self.loss,
-                             "n_target_tokens": self.n_target_tokens})
+        return pd.DataFrame(
+            {
+                "row": np.arange(len(self.ids)),
+                "id": self.ids,
+                "loss": self.loss,
+                "n_target_tokens": self.n_target_tokens,
+            }
+        )
 
     def at(self, layer: int) -> int:
         """Index of `layer` along the first axis of the arrays."""
@@ -114,8 +121,10 @@ def length_batches(
 ) -> list[np.ndarray]:
     """Row indices grouped into batches of similar token length (less padding), after validating every item
     up front so a bad item fails before any compute."""
-    lengths = [len(tokenize_prompt(tokenizer, p, i)) + len(tokenize_target(tokenizer, t, i))
-               for p, t, i in zip(prompts, targets, ids)]
+    lengths = [
+        len(tokenize_prompt(tokenizer, p, i)) + len(tokenize_target(tokenizer, t, i))
+        for p, t, i in zip(prompts, targets, ids)
+    ]
     order = np.argsort(lengths, kind="stable")
     return [order[part] for part in batches(len(order), batch_size)]
 
@@ -226,8 +235,14 @@ def activation_gradients(
 
     extra = {k: joined(k, 1) for k in ("unit_acts", "unit_grads", "unit_input_grad_sq")} if units else {}
     return ActivationGradients(
-        grads=joined("grads", 1), acts=joined("acts", 1), loss=joined("loss", 0), layers=layers, ids=ids,
-        position=position, n_target_tokens=joined("n_target_tokens", 0).astype(np.int64), **extra,
+        grads=joined("grads", 1),
+        acts=joined("acts", 1),
+        loss=joined("loss", 0),
+        layers=layers,
+        ids=ids,
+        position=position,
+        n_target_tokens=joined("n_target_tokens", 0).astype(np.int64),
+        **extra,
     )
 
 
@@ -263,8 +278,12 @@ def final_token_activations(
 
         with edit_block_outputs(model, {layer: keep(layer) for layer in layers}):
             # Only the blocks are needed: run the body, never the unembedding.
-            model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                position_ids=batch.position_ids, use_cache=False)
+            model.get_decoder()(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
         parts.append(torch.stack([store[layer] for layer in layers]).float().cpu())
     if not parts:
         raise GradsenseError("no prompts given")
@@ -302,11 +321,22 @@ def correction_steering(
 
     Each distinct (prompt, continuation) is run once, so a fact asked in both directions costs two passes, not four.
     """
-    pairs = pd.concat([table[["prompt", "target"]].set_axis(["prompt", "answer"], axis=1),
-                       table[["prompt", "source"]].set_axis(["prompt", "answer"], axis=1)])
+    pairs = pd.concat(
+        [
+            table[["prompt", "target"]].set_axis(["prompt", "answer"], axis=1),
+            table[["prompt", "source"]].set_axis(["prompt", "answer"], axis=1),
+        ]
+    )
     unique = pairs.drop_duplicates().reset_index(drop=True)  # first-occurrence order: deterministic
-    acts = final_token_activations(model, tokenizer, unique["prompt"].tolist(),
-                                   [target_text(a) for a in unique["answer"]], layers, batch_size, progress=progress)
+    acts = final_token_activations(
+        model,
+        tokenizer,
+        unique["prompt"].tolist(),
+        [target_text(a) for a in unique["answer"]],
+        layers,
+        batch_size,
+        progress=progress,
+    )
     where = {key: i for i, key in enumerate(zip(unique["prompt"], unique["answer"]))}
     to_target = [where[key] for key in zip(table["prompt"], table["target"])]
     to_source = [where[key] for key in zip(table["prompt"], table["source"])]
@@ -328,26 +358,36 @@ def correction_gradients(
     if missing:
         raise GradsenseError(f"corrections table lacks columns {missing}")
     return activation_gradients(
-        model, tokenizer, table["prompt"].tolist(), [target_text(a) for a in table["target"]], layers, position,
-        batch_size, ids=table["id"].tolist(), units=units, progress=progress,
+        model,
+        tokenizer,
+        table["prompt"].tolist(),
+        [target_text(a) for a in table["target"]],
+        layers,
+        position,
+        batch_size,
+        ids=table["id"].tolist(),
+        units=units,
+        progress=progress,
     )
 
 
 def save_gradients(path: str | Path, result: ActivationGradients, steering: np.ndarray) -> Path:
     """Write grads, acts, steering, loss, layers, ids (and position, n_target_tokens) as one .npz, atomically."""
-    path = Path(path)
     if steering.shape != result.grads.shape:
         raise GradsenseError(f"steering {steering.shape} and gradients {result.grads.shape} differ in shape")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(
-            handle, grads=result.grads, acts=result.acts, steering=steering.astype(np.float32), loss=result.loss,
-            layers=np.asarray(result.layers, dtype=np.int64), ids=np.asarray([str(i) for i in result.ids]),
-            position=np.asarray(result.position), n_target_tokens=result.n_target_tokens,
+            handle,
+            grads=result.grads,
+            acts=result.acts,
+            steering=steering.astype(np.float32),
+            loss=result.loss,
+            layers=np.asarray(result.layers, dtype=np.int64),
+            ids=np.asarray([str(i) for i in result.ids]),
+            position=np.asarray(result.position),
+            n_target_tokens=result.n_target_tokens,
         )
-    tmp.replace(path)  # a half-written file never looks valid
-    return path
+    return Path(path)
 
 
 def load_gradients(path: str | Path) -> dict[str, np.ndarray]:
@@ -367,8 +407,6 @@ def balanced_subset(table: pd.DataFrame, max_items: int | None) -> pd.DataFrame:
     table's order kept; None = the whole table."""
     if max_items is None or max_items >= len(table):
         return table.reset_index(drop=True)
-    facts = table.drop_duplicates("fact_id")[["fact_id", "domain"]]
-    rows_per_fact = len(table) / len(facts)
-    per_domain = max(1, int(max_items // (rows_per_fact * facts["domain"].nunique())))
-    keep = facts.groupby("domain", sort=True).head(per_domain)["fact_id"]
-    return table[table["fact_id"].isin(keep)].reset_index(drop=True)
+    n_facts = table["fact_id"].nunique()
+    per_domain = max(1, int(max_items // (len(table) / n_facts * table["domain"].nunique())))
+    return stratified(table, "domain", per_group=per_domain, unit="fact_id").reset_index(drop=True)

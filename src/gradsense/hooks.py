@@ -59,21 +59,27 @@ def capture(model: nn.Module, layers: Sequence[int], store: dict[int, torch.Tens
 
         return record
 
-    with edit_block_outputs(model, {check_layer(model, layer): recorder(check_layer(model, layer)) for layer in layers}):
+    with edit_block_outputs(
+        model, {check_layer(model, layer): recorder(check_layer(model, layer)) for layer in layers}
+    ):
         yield
 
 
 @contextmanager
 def inject(
-    model: nn.Module, layer: int, positions: torch.Tensor, vectors: torch.Tensor, norm_match: bool = False
+    model: nn.Module, layer: int, positions: torch.Tensor, vectors: torch.Tensor | None, norm_match: bool = False
 ) -> Iterator[None]:
     """Add `vectors[b, j]` to the output of block `layer` at sequence position `positions[b, j]` of batch row b.
 
-    positions: (batch, k) long; vectors: (batch, k, d). `norm_match` rescales each vector to the norm of the residual
-    it is added to (as Activation Oracles do), so only its direction carries information; a zero vector stays zero.
+    positions: (batch, k) long; vectors: (batch, k, d), or None to inject nothing (no hook is registered).
+    `norm_match` rescales each vector to the norm of the residual it is added to (as Activation Oracles do), so only
+    its direction carries information; a zero vector stays zero (a row without injection in a mixed batch).
     Applied only on the full-sequence pass (not cached decode steps), so generation with a KV cache keeps the
     injection in the cache and adds it once.
     """
+    if vectors is None:
+        yield
+        return
 
     def add(hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[1] <= int(positions.max()):

@@ -75,7 +75,9 @@ def _load_gguf(path: Path, expected_sha256: str | None):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:  # the GGUF reader raises many kinds of errors on a damaged file
-        raise GradsenseError(f"weights file {path} cannot be read: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        raise GradsenseError(
+            f"weights file {path} cannot be read: {type(exc).__name__}: {exc}".splitlines()[0]
+        ) from None
     # De-quantised weights are plain float32: drop the quantisation note so the copy reloads as a normal model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -101,13 +103,16 @@ def _load_named(name: str):
         return _load_gguf(path, None)
     looks_local = name.startswith((".", "/", "~")) or path.exists()
     if looks_local and not path.is_dir():
-        raise GradsenseError(f"unknown model {name!r}: no such model directory (give a directory, a .gguf file or a HF id)")
+        raise GradsenseError(
+            f"unknown model {name!r}: no such model directory (give a directory, a .gguf file or a HF id)"
+        )
     # Local directory or HF cache first (no network); the hub only when the cache misses and we are online.
     attempts = [True] if looks_local or os.environ.get("HF_HUB_OFFLINE") == "1" else [True, False]
     for local_only in attempts:
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=torch.float32,
-                                                         local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path) if looks_local else name, dtype=torch.float32, local_files_only=local_only
+            )
             tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name, local_files_only=local_only)
             return model, tokenizer
         except (OSError, ValueError) as exc:
@@ -166,27 +171,6 @@ def check_layer(model: nn.Module, layer: int) -> int:
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter."""
     return next(model.parameters()).device
-
-
-def tiny_llama(seed: int = 0, n_layers: int = 4, d_model: int = 64, vocab_size: int = 512):
-    """A tiny randomly initialised Llama with a character-level tokenizer, for fast unit tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from gradsense.tokenizers import CharTokenizer
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    return prepare(model, CharTokenizer(vocab_size), "cpu")
 
 
 def architecture(model: nn.Module) -> dict:

@@ -65,17 +65,26 @@ def run_stage(stage: str, root: Path = Path("."), params_file: Path | None = Non
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
-            str(notebook), str(executed), parameters=parameters, kernel_name="python3",
-            cwd=str(root / "notebooks"), progress_bar=False, log_output=True,
+            str(notebook),
+            str(executed),
+            parameters=parameters,
+            kernel_name="python3",
+            cwd=str(root / "notebooks"),
+            progress_bar=False,
+            log_output=True,
         )
     except papermill.PapermillExecutionError as exc:
         for folder in outputs:  # nothing half-written is left looking valid
             shutil.rmtree(folder, ignore_errors=True)
-        raise GradsenseError(f"stage {stage} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}".splitlines()[0]) from None
+        raise GradsenseError(
+            f"stage {stage} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}".splitlines()[0]
+        ) from None
     if stage in HTML_STAGES:
         export_html(executed, executed.with_suffix(".html"))
     # The kernel is a reaped child process, so RUSAGE_CHILDREN holds its peak resident memory (KiB on Linux).
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    save_json({"stage": stage, "wall_s": round(time.perf_counter() - start, 2), "peak_rss_gb": round(peak_gb, 3)},
-              root / "results" / stage / "stage_run.json")
+    save_json(
+        {"stage": stage, "wall_s": round(time.perf_counter() - start, 2), "peak_rss_gb": round(peak_gb, 3)},
+        root / "results" / stage / "stage_run.json",
+    )
     return executed

@@ -163,3 +163,20 @@ def next_token_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], bat
 def target_text(answer: str) -> str:
     """The continuation string for an answer: a leading space unless it already starts with whitespace."""
     return answer if answer[:1].isspace() else " " + answer
+
+
+def first_visible_id(tokenizer, answer: str) -> int:
+    """Id of the first token of `target_text(answer)` whose text is not whitespace (" 1066" → "1", not the bare
+    space token); an answer with no such token is a GradsenseError."""
+    for token in tokenizer(target_text(answer), add_special_tokens=False)["input_ids"]:
+        if tokenizer.decode([token]).strip():
+            return int(token)
+    raise GradsenseError(f"answer {answer!r} has no token that is not whitespace")
+
+
+def first_visible_token(tokenizer, answer: str) -> str:
+    """The text of `first_visible_id` (stripped; years: the first digit), "" for an answer that is all whitespace."""
+    try:
+        return tokenizer.decode([first_visible_id(tokenizer, answer)]).strip()
+    except GradsenseError:
+        return ""

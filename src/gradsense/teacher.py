@@ -21,12 +21,24 @@ from typing import Protocol
 from tqdm.auto import tqdm
 
 from gradsense.errors import GradsenseError
+from gradsense.files import write_jsonl
 
-NONE = "<none>"  # the head's token when the oracle observed nothing
+NO_TOKEN = "<none>"  # the head's token when the oracle observed nothing
+NO_DOMAIN = "none"  # the head's domain when no pressure is felt (no injection, noise)
 PROMPT_VERSION = "v1"  # bump when the language-model prompt changes: it is part of the cache key
-RECORD_FIELDS = ("id", "domain", "prompt", "to_token", "from_token", "up_tokens", "down_tokens",
-                 "dlogp_target", "dlogp_source", "kl")
-SYSTEM = (
+RECORD_FIELDS = (
+    "id",
+    "domain",
+    "prompt",
+    "to_token",
+    "from_token",
+    "up_tokens",
+    "down_tokens",
+    "dlogp_target",
+    "dlogp_source",
+    "kl",
+)
+TEACHER_SYSTEM = (
     "You explain, in one plain English sentence, how a small language model's prediction of the next word changed "
     "after a training nudge. No lists, no numbers, no preamble."
 )
@@ -43,7 +55,7 @@ class Teacher(Protocol):
 def clean_token(text: object) -> str:
     """A token as it appears in the head: stripped, one line, no '|', `<none>` when empty."""
     text = re.sub(r"\s+", " ", str(text if text is not None else "")).strip().replace("|", "¦")
-    return text or NONE
+    return text or NO_TOKEN
 
 
 def label_head(domain: str, from_token: str, to_token: str) -> str:
@@ -92,7 +104,7 @@ def as_record(row: dict) -> dict:
 
 def is_clear(record: dict, min_gain: float) -> bool:
     """A shift is clear when the target's log-prob rose by ≥ min_gain nats and a promoted token was observed."""
-    return float(record["dlogp_target"]) >= min_gain and clean_token(record["to_token"]) != NONE
+    return float(record["dlogp_target"]) >= min_gain and clean_token(record["to_token"]) != NO_TOKEN
 
 
 class TemplateTeacher:
@@ -108,7 +120,7 @@ class TemplateTeacher:
         to, frm = clean_token(record["to_token"]), clean_token(record["from_token"])
         if not is_clear(record, self.min_gain):
             return f"The shift is unclear: this {domain} answer barely moves, so no correction can be read from it."
-        if frm == NONE:
+        if frm == NO_TOKEN:
             return f"The update pushes this {domain} answer towards {to}."
         return f"The update pushes this {domain} answer away from {frm} and towards {to}."
 
@@ -122,13 +134,13 @@ def prompt_messages(record: dict) -> list[dict]:
     user = (
         f"Domain: {record['domain']}\n"
         f"Prompt: {record['prompt']}\n"
-        f"Words pushed up: {', '.join(map(clean_token, record['up_tokens'])) or NONE}\n"
-        f"Words pushed down: {', '.join(map(clean_token, record['down_tokens'])) or NONE}\n"
+        f"Words pushed up: {', '.join(map(clean_token, record['up_tokens'])) or NO_TOKEN}\n"
+        f"Words pushed down: {', '.join(map(clean_token, record['down_tokens'])) or NO_TOKEN}\n"
         f"Most promoted: {clean_token(record['to_token'])}; most demoted: {clean_token(record['from_token'])}\n"
         f"Change of the promoted answer's log-probability: {float(record['dlogp_target']):+.2f} nats\n"
         "Describe this change in one sentence."
     )
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": user}]
 
 
 def one_sentence(text: str) -> str:
@@ -164,13 +176,15 @@ class HFTeacher:
         """The model's raw greedy reply to the fixed prompt."""
         import torch
 
-        ids = self.tokenizer.apply_chat_template(prompt_messages(record), add_generation_prompt=True,
-                                                 return_tensors="pt", return_dict=True)
+        ids = self.tokenizer.apply_chat_template(
+            prompt_messages(record), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         ids = {k: v.to(self.model.device) for k, v in ids.items()}
         with torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = self.model.generate(
+                **ids, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+            )
+        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def label(self, record: dict) -> str:
         """Head + the first sentence of the model's reply."""
@@ -184,8 +198,14 @@ class OpenAICompatibleTeacher:
     for local servers). Never called in CI.
     """
 
-    def __init__(self, url: str | None = None, model: str | None = None, key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 60.0, max_tokens: int = 80):
+    def __init__(
+        self,
+        url: str | None = None,
+        model: str | None = None,
+        key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_tokens: int = 80,
+    ):
         self.url = (url or os.environ.get("GRADSENSE_TEACHER_URL") or "").rstrip("/")
         self.model = model or os.environ.get("GRADSENSE_TEACHER_MODEL") or ""
         if not self.url or not self.model:
@@ -196,8 +216,9 @@ class OpenAICompatibleTeacher:
 
     def reply(self, record: dict) -> str:
         """The endpoint's reply text; any transport or format failure is a GradsenseError naming the endpoint."""
-        body = json.dumps({"model": self.model, "messages": prompt_messages(record), "temperature": 0,
-                           "max_tokens": self.max_tokens}).encode()
+        body = json.dumps(
+            {"model": self.model, "messages": prompt_messages(record), "temperature": 0, "max_tokens": self.max_tokens}
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if os.environ.get(self.key_env):
             headers["Authorization"] = f"Bearer {os.environ[self.key_env]}"
@@ -207,7 +228,9 @@ class OpenAICompatibleTeacher:
                 payload = json.loads(response.read().decode())
             return str(payload["choices"][0]["message"]["content"])
         except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-            raise GradsenseError(f"teacher endpoint {self.url} failed: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+            raise GradsenseError(
+                f"teacher endpoint {self.url} failed: {type(exc).__name__}: {exc}".splitlines()[0]
+            ) from None
 
     def label(self, record: dict) -> str:
         """Head + the first sentence of the endpoint's reply."""
@@ -245,15 +268,13 @@ def load_cache(path: Path) -> dict[str, dict]:
 
 
 def _write_cache(path: Path, entries: dict[str, dict]) -> None:
-    """Rewrite the cache atomically (temp file + rename), in insertion order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in entries.values()))
-    os.replace(tmp, path)
+    """Rewrite the cache atomically, in insertion order."""
+    write_jsonl(entries.values(), path, sort_keys=True)
 
 
-def label_records(teacher: Teacher, records: Sequence[dict], cache: str | Path | None = None,
-                  progress: bool = True) -> list[str]:
+def label_records(
+    teacher: Teacher, records: Sequence[dict], cache: str | Path | None = None, progress: bool = True
+) -> list[str]:
     """Labels for records, reusing and extending a JSONL cache; a failing teacher raises and keeps what is cached."""
     path = Path(cache) if cache is not None else None
     entries = load_cache(path) if path is not None else {}
@@ -266,22 +287,16 @@ def label_records(teacher: Teacher, records: Sequence[dict], cache: str | Path |
                 try:
                     text = teacher.label(record)
                 except GradsenseError as exc:
-                    raise GradsenseError(f"item {record.get('id')}: {exc} ({len(entries)} cached labels kept)") from None
+                    raise GradsenseError(
+                        f"item {record.get('id')}: {exc} ({len(entries)} cached labels kept)"
+                    ) from None
                 if parse_label(text)["domain"] is None:
-                    raise GradsenseError(f"item {record.get('id')}: teacher {teacher.identity} gave a label without head")
+                    raise GradsenseError(
+                        f"item {record.get('id')}: teacher {teacher.identity} gave a label without head"
+                    )
                 entries[key] = {"key": key, "teacher": teacher.identity, "id": record.get("id"), "label": text}
             labels.append(entries[key]["label"])
     finally:
         if path is not None and len(entries) > before:
             _write_cache(path, entries)
     return labels
-
-
-def save_jsonl(rows: Sequence[dict], path: str | Path) -> Path:
-    """Write one JSON object per line atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False, default=float) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return path

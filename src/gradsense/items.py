@@ -1,0 +1,124 @@
+"""Items on the command line: read `{id, prompt, right, wrong?, context?}` JSONL, check them, take each item's
+gradient (target = right) and `describe` it with a trained describer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from gradsense.checkpoint import load_describer
+from gradsense.decoding import structured_steps
+from gradsense.describer import CONTROLS, Describer, adapters_off
+from gradsense.errors import GradsenseError
+from gradsense.files import read_jsonl
+from gradsense.prompt import interpretation_ids
+from gradsense.scoring import target_text, tokenize_prompt, tokenize_target
+
+FIELDS = ("id", "description", "domain", "from", "to")  # one output record, in this order
+
+
+def read_items(path: str | Path) -> list[dict]:
+    """Items from a JSONL file; a line that is not JSON is named by `files.read_jsonl`, and every malformed item is
+    reported with its line number in one error."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradsenseError(f"input file {path} is missing")
+    records = read_jsonl(path)
+    numbers = [n for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]  # as read_jsonl
+    problems = [f"line {n}: {problem}" for n, item in zip(numbers, records) if (problem := item_problem(item))]
+    if problems:
+        raise GradsenseError(f"{path}: {len(problems)} malformed line(s): " + "; ".join(problems))
+    if not records:
+        raise GradsenseError(f"{path}: no items")
+    return records
+
+
+def item_problem(item: object) -> str | None:
+    """Why an item is malformed (None when it is fine)."""
+    if not isinstance(item, dict):
+        return "not a JSON object"
+    for key in ("id", "prompt", "right"):
+        if key not in item:
+            return f"missing field {key!r}"
+    for key in ("prompt", "right"):
+        if not isinstance(item[key], str) or not item[key].strip():
+            return f"field {key!r} must be a non-empty string"
+    for key in ("wrong", "context"):
+        if item.get(key) is not None and not isinstance(item[key], str):
+            return f"field {key!r} must be a string"
+    return None
+
+
+def check_lengths(describer: Describer, items: Sequence[Mapping], max_new_tokens: int) -> None:
+    """Error naming the first item whose gradient pass (prompt + answer) or description (context + question +
+    decoding) needs more positions than the model has (`max_position_embeddings`)."""
+    limit = getattr(describer.model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    tok, decoded = describer.tokenizer, structured_steps(describer.tokenizer, max_new_tokens)
+    for item in items:
+        name = item["id"]
+        gradient = len(tokenize_prompt(tok, item["prompt"], name)) + len(
+            tokenize_target(tok, target_text(item["right"]), name)
+        )
+        described = len(interpretation_ids(tok, describer.config, item.get("context"))[0]) + decoded
+        for what, n in (("prompt + answer", gradient), ("context + question + decoding", described)):
+            if n > limit:
+                raise GradsenseError(
+                    f"item {name!r}: {what} is {n:,} tokens, over the model's context window of {limit:,} positions"
+                )
+
+
+def item_gradients(describer: Describer, items: Sequence[Mapping], batch_size: int = 32) -> np.ndarray:
+    """(N, d) gradients of each item's loss on `right` at the describer's source layer, from the original model."""
+    from gradsense.gradients import activation_gradients
+
+    prompts = [it["prompt"] for it in items]
+    targets = [target_text(it["right"]) for it in items]
+    guard = adapters_off(describer.model) if describer.config.lora_rank > 0 else nullcontext()
+    with guard:
+        result = activation_gradients(
+            describer.model,
+            describer.tokenizer,
+            prompts,
+            targets,
+            [describer.config.source_layer],
+            batch_size=batch_size,
+            ids=[it["id"] for it in items],
+            progress=False,
+        )
+    return np.asarray(result.grads[0], dtype=np.float32)
+
+
+def describe(
+    items: Sequence[Mapping],
+    checkpoint: str | Path | None = None,
+    describer: Describer | None = None,
+    control: str = "gradient",
+    seed: int = 0,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    device: str = "auto",
+) -> list[dict]:
+    """Describe the training pressure of each item `{id, prompt, right, wrong?, context?}` (target = right): returns
+    `{id, description, domain, from, to}` per item. Controls: "none", "noise", "shuffle" (see `Describer.vectors`)."""
+    if control not in CONTROLS:
+        raise GradsenseError(f"unknown control {control!r} (choose from {', '.join(CONTROLS)})")
+    if control == "shuffle" and len(items) < 2:
+        raise GradsenseError("the shuffle control needs at least two items (each gets another item's gradient)")
+    for i, item in enumerate(items):
+        problem = item_problem(item)
+        if problem:
+            raise GradsenseError(f"item {item.get('id', i) if isinstance(item, dict) else i}: {problem}")
+    describer = describer or load_describer(checkpoint, device=device)
+    check_lengths(describer, items, max_new_tokens)
+    grads = item_gradients(describer, items)
+    table = describer.describe_gradients(
+        grads, [it.get("context") for it in items], control, seed, batch_size, max_new_tokens
+    )
+    # Unparsed fields are null (pandas turns None into NaN, which is not valid JSON).
+    rows = table[list(FIELDS[1:])].astype(object).where(table.notna(), None).to_dict("records")
+    return [{"id": item["id"], **row} for item, row in zip(items, rows)]

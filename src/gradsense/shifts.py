@@ -1,0 +1,155 @@
+"""The labelling pass of the oracle: at the chosen α, what each item's virtual step moved (the teacher's input).
+
+`observed_tokens` picks the token the step promotes most (`to`) and the one it demotes most (`from`) among tokens
+the model already gives some probability; `item_shifts` runs the step for every item and records, per item, the
+target's and source's change in log-probability with those observed tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from gradsense.hooks import edit_block_output
+from gradsense.models import check_layer, model_device
+from gradsense.oracle import STEP_KINDS, check_alphas, step_edit, top_shift, unit_directions, virtual_steps
+from gradsense.scoring import encode, first_visible_token, forward
+
+
+def _visible(tokenizer, ids: Sequence[int]) -> str:
+    """The decoded text of token ids, stripped."""
+    return tokenizer.decode(list(ids)).strip()
+
+
+def observed_tokens(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    grads,
+    layer: int,
+    alpha: float,
+    up_ids: Sequence[int | None],
+    down_ids: Sequence[int | None],
+    min_prob: float = 0.02,
+    batch_size: int = 64,
+    ids: Sequence[object] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Visible text of each item's top promoted ("to") and demoted ("from") token.
+
+    A whitespace-only token (years start with a bare " " token) is extended by one step: teacher-force it and take
+    the top promoted (resp. demoted) token at the next position under the same step. None (no token had
+    p ≥ min_prob) gives "".
+    """
+    layer = check_layer(model, layer)
+    units = unit_directions(grads, ids)
+    to_text, from_text = [], []
+    pending = []  # (item, which, token id) for whitespace-only tokens
+    for i, (u, d) in enumerate(zip(up_ids, down_ids)):
+        for which, tok, out in (("up", u, to_text), ("down", d, from_text)):
+            text = _visible(tokenizer, [tok]) if tok is not None else ""
+            out.append(text)
+            if not text and tok is not None:
+                pending.append((i, which, tok))
+    for start in range(0, len(pending), max(1, batch_size // 2)):
+        part = pending[start : start + max(1, batch_size // 2)]
+        rows_p = [prompts[i] for i, _, _ in part for _ in (0, 1)]
+        rows_c = [tokenizer.decode([tok]) for _, _, tok in part for _ in (0, 1)]
+        dirs = torch.stack([units[i] for i, _, _ in part for _ in (0, 1)])
+        alphas = torch.tensor([0.0, alpha] * len(part))
+        # The continuation is prompt + the whitespace token; read the distribution after it (the last row position).
+        device = model_device(model)
+        batch = encode(tokenizer, rows_p, rows_c).to(device)
+        with torch.no_grad(), edit_block_output(model, layer, step_edit(batch.last_prompt, dirs, alphas)):
+            logits = forward(model, batch, logits_to_keep=1).logits[:, -1].float()
+        lp = torch.log_softmax(logits, -1).cpu()
+        for j, (i, which, tok) in enumerate(part):
+            old, new = lp[2 * j], lp[2 * j + 1]
+            up, down = top_shift(new - old, (old.exp() >= min_prob) | (new.exp() >= min_prob), 1)
+            pick = up if which == "up" else down
+            text = _visible(tokenizer, [tok] + pick[:1])
+            (to_text if which == "up" else from_text)[i] = text
+    return to_text, from_text
+
+
+# --- the labelling pass: one α, every item ---------------------------------------------------------------------
+
+
+def item_shifts(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    sources: Sequence[str],
+    grads,
+    layer: int,
+    alpha: float,
+    top_k: int = 5,
+    min_prob: float = 0.02,
+    batch_size: int = 64,
+    seed: int = 0,
+    ids: Sequence[object] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """One row per item at the labelling α: the −g step's shift, its +g and random controls, and the observed tokens.
+
+    Columns: id, dlogp_target, dlogp_source, kl, opposite_dlogp_target, random_dlogp_target, random_kl,
+    up_tokens / down_tokens (visible text of the top-k), to_token / from_token (top promoted / demoted, whitespace
+    tokens extended by one step), target_first / source_first (first visible token of the dataset answers).
+    """
+    (alpha,) = check_alphas([alpha])
+    names = list(ids) if ids is not None else list(range(len(prompts)))
+    table = virtual_steps(
+        model,
+        tokenizer,
+        prompts,
+        targets,
+        sources,
+        grads,
+        layer,
+        [alpha],
+        STEP_KINDS,
+        1,
+        top_k,
+        min_prob,
+        batch_size,
+        seed,
+        names,
+        progress,
+    )
+    by = {c: table[table["control"] == c].set_index("item").sort_index() for c in STEP_KINDS}
+    grad = by["gradient"]
+    to_tok, from_tok = observed_tokens(
+        model,
+        tokenizer,
+        prompts,
+        grads,
+        layer,
+        alpha,
+        [u[0] if u else None for u in grad["up_ids"]],
+        [d[0] if d else None for d in grad["down_ids"]],
+        min_prob,
+        batch_size,
+        names,
+    )
+    return pd.DataFrame(
+        {
+            "id": names,
+            "alpha": alpha,
+            "layer": check_layer(model, layer),
+            "dlogp_target": grad["dlogp_target"].to_numpy(),
+            "dlogp_source": grad["dlogp_source"].to_numpy(),
+            "kl": grad["kl"].to_numpy(),
+            "opposite_dlogp_target": by["opposite"]["dlogp_target"].to_numpy(),
+            "random_dlogp_target": by["random"]["dlogp_target"].to_numpy(),
+            "random_kl": by["random"]["kl"].to_numpy(),
+            "up_tokens": [[_visible(tokenizer, [t]) for t in row] for row in grad["up_ids"]],
+            "down_tokens": [[_visible(tokenizer, [t]) for t in row] for row in grad["down_ids"]],
+            "to_token": to_tok,
+            "from_token": from_tok,
+            "target_first": [first_visible_token(tokenizer, t) for t in targets],
+            "source_first": [first_visible_token(tokenizer, s) for s in sources],
+        }
+    )

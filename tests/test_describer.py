@@ -1,0 +1,134 @@
+"""gradsense.describer on the tiny Llama: injection at the slots, the projector, the loss, LoRA, the controls."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradsense.describer import Projector, adapters_off, noise_like, shuffle_order, untrained_describer
+from gradsense.errors import GradsenseError
+from gradsense.hooks import capture, inject
+from gradsense.prompt import encode_interpretations
+from gradsense.training import TrainConfig, train_projector
+
+from describer_helpers import LABELS, D, config, describer, grads, talkative_llama
+from tiny_model import tiny_llama
+
+
+def _hidden(model, batch, at, injection=None):
+    """Output of block `at`, with an injection hook registered first (hooks run in registration order)."""
+    store = {}
+    with inject(model, **injection) if injection else torch.no_grad(), capture(model, [at], store), torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    return store[at]
+
+
+@pytest.mark.parametrize("mode", ["norm", "raw"])
+def test_injection_adds_at_the_slots_only(tiny, mode):
+    model, tok = tiny
+    d = describer(model, tok, mode=mode)
+    batch, pos = encode_interpretations(tok, d.config, [None, "ctx"])
+    vectors = torch.randn(2, 2, D)
+    vectors[1] = 0  # a row without injection
+    before = _hidden(model, batch, 1)
+    spec = {"layer": 1, "positions": pos, "vectors": vectors, "norm_match": d.norm_match}
+    after = _hidden(model, batch, 1, spec)
+    delta = after - before
+    rows = torch.arange(2)[:, None]
+    expected = before[rows, pos].norm(dim=-1) if mode == "norm" else vectors.norm(dim=-1)
+    torch.testing.assert_close(delta[rows, pos].norm(dim=-1)[0], expected[0], rtol=1e-4, atol=1e-5)
+    assert delta[1].abs().max() == 0
+    delta[rows, pos] = 0
+    assert delta.abs().max() == 0  # nothing else moved at the injection layer
+    torch.testing.assert_close(_hidden(model, batch, 0), _hidden(model, batch, 0, spec))
+
+
+def test_the_describer_injects_at_its_layer_in_its_mode():
+    """The label log-probs see the injection: norm mode ignores the vectors' scale, raw mode does not, and no vectors
+    is the same as zero vectors."""
+    model, tok = talkative_llama()
+    g = torch.as_tensor(grads(2))
+    for mode in ("norm", "raw"):
+        d = describer(model, tok, mode=mode)
+        with torch.no_grad():
+            v = d.projector(g)
+            small, big, none = (d.label_logprobs(x, [None] * 2, LABELS[:2]) for x in (v, 50 * v, None))
+            zero = d.label_logprobs(torch.zeros_like(v), [None] * 2, LABELS[:2])
+        np.testing.assert_allclose(none, zero, rtol=1e-6)
+        assert np.abs(small - none).min() > 1e-5  # far above float error (~1e-7)
+        assert (np.abs(small - big).max() < 1e-5) == (mode == "norm"), (mode, small, big)
+
+
+def test_projector_kinds_modes_and_errors():
+    g = torch.randn(3, D)
+    for kind in ("linear", "mlp"):
+        assert Projector(D, 4, kind, "norm", 16)(g).shape == (3, 4, D)
+    raw = Projector(D, 2, "linear", "raw")
+    torch.testing.assert_close(raw(2 * g), 2 * raw(g))  # raw mode keeps the gradient's magnitude
+    norm = Projector(D, 2, "linear", "norm")
+    torch.testing.assert_close(norm(5 * g), norm(g))  # norm mode reads only the direction
+    with pytest.raises(GradsenseError, match="kind"):
+        Projector(D, 2, "conv")
+    with pytest.raises(GradsenseError, match="width"):
+        norm(torch.randn(2, D + 1))
+    model, _ = tiny_llama()
+    with pytest.raises(GradsenseError, match="out of range"):
+        config(inject_layer=9).check(model)
+    with pytest.raises(GradsenseError, match="mode"):
+        config(mode="big").check(model)
+
+
+@pytest.mark.parametrize("mode", ["norm", "raw"])
+def test_one_step_lowers_the_loss_through_the_injection(tiny, mode):
+    model, tok = tiny
+    d = describer(model, tok, mode=mode)
+    g = torch.as_tensor(grads(4))
+    opt = torch.optim.SGD(d.projector.parameters(), lr=10.0)  # the random tiny model barely reacts
+    before = d.loss(d.projector(g), [None] * 4, LABELS[:4])
+    before.backward()
+    assert d.projector.net.weight.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        assert d.loss(d.projector(g), [None] * 4, LABELS[:4]) < before
+
+
+def test_lora_trains_only_blocks_from_the_injection_and_switches_off():
+    model, tok = tiny_llama(seed=0)
+    base = describer(model, tok)
+    batch, _ = encode_interpretations(tok, base.config, [None])
+    with torch.no_grad():
+        reference = model(input_ids=batch.input_ids).logits
+    train = TrainConfig(steps=12, batch_size=4, lr=2e-2, control_share=0.0, context_share=0.0)
+    d, curve = train_projector(model, tok, grads(4), LABELS[:4], config(lora_rank=2), train, progress=False)
+    assert curve["loss"].iloc[-3:].mean() < curve["loss"].iloc[:3].mean()
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_" in name}
+    assert adapted == {str(d.config.inject_layer + i) for i in range(4 - d.config.inject_layer)}  # blocks J… only
+    with torch.no_grad():
+        with adapters_off(model):
+            torch.testing.assert_close(model(input_ids=batch.input_ids).logits, reference)
+        assert not torch.allclose(model(input_ids=batch.input_ids).logits, reference)
+
+
+def test_controls(tiny):
+    model, tok = tiny
+    d = describer(model, tok)
+    none = d.describe_gradients(grads(3), control="none", max_new_tokens=4)
+    assert none["description"].nunique() == 1  # without injection every row is the same prompt
+    shuffled = d.describe_gradients(grads(5), control="shuffle", seed=3, max_new_tokens=2)
+    assert sorted(shuffled["source_row"]) == list(range(5)) and (shuffled["source_row"] != np.arange(5)).all()
+    with pytest.raises(GradsenseError, match="unknown control"):
+        d.vectors(torch.as_tensor(grads(2)), "loud")
+    g = grads(4)
+    np.testing.assert_allclose(
+        np.linalg.norm(noise_like(g, np.random.default_rng(0)), axis=1), np.linalg.norm(g, axis=1), rtol=1e-5
+    )
+    order = shuffle_order(7, np.random.default_rng(0))
+    assert sorted(order) == list(range(7)) and (order != np.arange(7)).all()
+
+
+def test_untrained_describer_is_a_fresh_seeded_projector_on_the_same_model(tiny):
+    model, tok = tiny
+    d = describer(model, tok)
+    fresh = untrained_describer(d, seed=1)
+    assert fresh.model is d.model and fresh.config == d.config
+    assert not torch.equal(fresh.projector.net.weight, d.projector.net.weight)
+    assert torch.equal(fresh.projector.net.weight, untrained_describer(d, seed=1).projector.net.weight)

@@ -1,0 +1,74 @@
+"""gradsense.items: malformed item files are named line by line; items too long for the model are refused before
+any gradient; `describe` returns one {id, description, domain, from, to} record per item."""
+
+import json
+
+import pytest
+
+import gradsense.items as items_module
+from gradsense.errors import GradsenseError
+from gradsense.items import FIELDS, check_lengths, describe, read_items
+
+from describer_helpers import describer
+
+GOOD = {"id": "a", "prompt": "The capital of France is", "right": "Paris"}
+
+
+def test_read_items_reports_every_malformed_item(tmp_path):
+    path = tmp_path / "items.jsonl"
+    lines = [GOOD, {"id": "b", "prompt": "x"}, None, {**GOOD, "context": 3}, {**GOOD, "prompt": " "}]
+    path.write_text("\n".join("" if item is None else json.dumps(item) for item in lines) + "\n")
+    with pytest.raises(GradsenseError) as err:
+        read_items(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: 3 malformed line(s)") and "\n" not in message
+    assert "line 2: missing field 'right'" in message and "line 4: field 'context' must be a string" in message
+    assert "line 5: field 'prompt' must be a non-empty string" in message  # numbers count the blank line 3
+    path.write_text(json.dumps(GOOD) + "\n\n")
+    assert read_items(path) == [GOOD]
+
+
+def test_read_items_names_a_line_that_is_not_json_and_a_missing_or_empty_file(tmp_path):
+    path = tmp_path / "items.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n{not json\n")
+    with pytest.raises(GradsenseError, match=r"items.jsonl:2: not valid JSON"):
+        read_items(path)
+    path.write_text(json.dumps(GOOD) + "\n[1, 2]\n")
+    with pytest.raises(GradsenseError, match=r"items.jsonl:2: expected a JSON object"):
+        read_items(path)
+    with pytest.raises(GradsenseError, match="input file .* is missing"):
+        read_items(tmp_path / "none.jsonl")
+    path.write_text("\n")
+    with pytest.raises(GradsenseError, match="no items"):
+        read_items(path)
+
+
+def test_items_longer_than_the_context_window_are_refused_before_any_gradient(tiny, monkeypatch):
+    model, tok = tiny
+    d = describer(model, tok)
+    limit = model.config.max_position_embeddings  # 256 positions; the tiny tokenizer has one token per character
+    monkeypatch.setattr(items_module, "item_gradients", lambda *a, **k: pytest.fail("gradients were computed"))
+    long_prompt = {"id": "long", "prompt": "word " * 60, "right": "x"}
+    with pytest.raises(GradsenseError) as err:
+        describe([GOOD, long_prompt], describer=d)
+    assert str(err.value) == (
+        f"item 'long': prompt + answer is {len(tok(long_prompt['prompt'])['input_ids']) + 2} tokens, over the "
+        f"model's context window of {limit} positions"
+    )
+    long_context = {**GOOD, "id": 7, "context": "word " * 45}  # short prompt, but context + question + decoding
+    with pytest.raises(GradsenseError, match=r"^item 7: context \+ question \+ decoding is \d+ tokens, over the model"):
+        describe([long_context], describer=d, max_new_tokens=8)
+    check_lengths(d, [GOOD, {**GOOD, "context": "word " * 5}], max_new_tokens=8)  # short items pass
+
+
+def test_describe_returns_one_record_per_item_in_field_order(tiny):
+    model, tok = tiny
+    out = describe(
+        [GOOD, {**GOOD, "id": 2, "context": "A passage."}], describer=describer(model, tok), max_new_tokens=3
+    )
+    assert [r["id"] for r in out] == ["a", 2] and all(tuple(r) == FIELDS for r in out)
+    assert all(r["description"].startswith("domain:") for r in out)  # structured decoding
+    with pytest.raises(GradsenseError, match="item b: missing field 'right'"):
+        describe([{"id": "b", "prompt": "x"}], describer=describer(model, tok))
+    with pytest.raises(GradsenseError, match="at least two"):
+        describe([GOOD], describer=describer(model, tok), control="shuffle")
