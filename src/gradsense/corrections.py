@@ -346,24 +346,7 @@ def load_corrections(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise GradsenseError(f"corrections table {path} is missing (run the corrections stage)")
-    strings = {
-        c: str
-        for c in (
-            "id",
-            "fact_id",
-            "domain",
-            "relation",
-            "subject",
-            "prompt",
-            "right",
-            "wrong",
-            "direction",
-            "target",
-            "source",
-            "split",
-            "template_split",
-        )
-    }
+    strings = {c: str for c in COLUMNS[: COLUMNS.index("template_split") + 1]}  # every text column
     table = pd.read_csv(path, dtype=strings, keep_default_na=False)
     if list(table.columns) != COLUMNS:
         raise GradsenseError(f"corrections table {path} has columns {list(table.columns)}, not the contract {COLUMNS}")
