@@ -24,3 +24,10 @@ def smol(request, _smol):
     if request.node.get_closest_marker("integration") is None:
         pytest.fail("a test that loads the real model needs @pytest.mark.integration (it needs data/)")
     return _smol
+
+
+@pytest.fixture(autouse=True)
+def _no_data_for_unit_tests(request, monkeypatch, tmp_path_factory):
+    """Unit tests see no data/ (GRADSENSE_DATA points at an empty folder), so one that needs it must be marked."""
+    if request.node.get_closest_marker("integration") is None:
+        monkeypatch.setenv("GRADSENSE_DATA", str(tmp_path_factory.mktemp("no-data")))

@@ -26,5 +26,7 @@ def test_dir_md5_equals_dvc_add(tmp_path):
         verify(tmp_path)
 
 
+@pytest.mark.integration
 def test_committed_data_dvc_matches_the_fetched_data():
+    """The fetched data/ (run `make data`) is what data.dvc records."""
     verify(ROOT)
