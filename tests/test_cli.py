@@ -81,7 +81,12 @@ def test_describe_jsonl_writes_every_field_in_order(checkpoint, tmp_path, capsys
     assert [r["id"] for r in records] == ["paris", "hastings", 3]
     assert all(tuple(r) == FIELDS and r["description"].startswith("domain:") for r in records)
     assert all(r[k] is None or isinstance(r[k], str) for r in records for k in ("domain", "from", "to"))
-    assert "3 descriptions written" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "3 descriptions written" in printed.out
+    summary = printed.err.strip().splitlines()[-1]  # after the progress bars, on stderr
+    assert summary.startswith("3 items described in ") and summary.endswith(
+        "fields parsed: domain 3/3, from 3/3, to 3/3"
+    )
 
 
 def test_the_injection_reaches_the_model_and_the_controls_change_it(checkpoint, tmp_path):

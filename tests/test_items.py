@@ -7,7 +7,7 @@ import pytest
 
 import gradsense.items as items_module
 from gradsense.errors import GradsenseError
-from gradsense.items import FIELDS, check_lengths, describe, read_items
+from gradsense.items import FIELDS, check_lengths, describe, read_items, summary_line
 
 from describer_helpers import describer
 
@@ -72,3 +72,11 @@ def test_describe_returns_one_record_per_item_in_field_order(tiny):
         describe([{"id": "b", "prompt": "x"}], describer=describer(model, tok))
     with pytest.raises(GradsenseError, match="at least two"):
         describe([GOOD], describer=describer(model, tok), control="shuffle")
+
+
+def test_summary_line_counts_parsed_fields():
+    records = [
+        {"id": 1, "description": "d", "domain": "history", "from": "1799", "to": "1789"},
+        {"id": 2, "description": "d", "domain": "biology", "from": None, "to": None},
+    ]
+    assert summary_line(records, 3.04) == "2 items described in 3.0 s; fields parsed: domain 2/2, from 1/2, to 1/2"

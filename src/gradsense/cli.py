@@ -22,8 +22,10 @@ def _fetch_data(args: argparse.Namespace) -> None:
 
 
 def _describe(args: argparse.Namespace) -> None:
+    import time
+
     from gradsense.files import writable_parent, write_jsonl
-    from gradsense.items import describe, read_items
+    from gradsense.items import describe, read_items, summary_line
 
     control = "none" if args.no_inject else "noise" if args.noise else "shuffle" if args.shuffle else "gradient"
     options = {
@@ -38,9 +40,11 @@ def _describe(args: argparse.Namespace) -> None:
             raise GradsenseError("give either --input FILE --output FILE, or --prompt P --right R")
         items = read_items(args.input)
         writable_parent(args.output)  # before the model loads: a bad --output fails at once, not after the run
-        records = describe(items, **options)
+        start = time.perf_counter()
+        records = describe(items, **options, progress=True)  # tqdm bars on stderr
         write_jsonl(records, args.output, sort_keys=False)  # fields in the order id, description, domain, from, to
         print(f"{len(records)} descriptions written to {args.output}")
+        print(summary_line(records, time.perf_counter() - start), file=sys.stderr)
         return
     if args.prompt is None or args.right is None:
         raise GradsenseError("give either --input FILE --output FILE, or --prompt P --right R")

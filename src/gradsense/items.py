@@ -72,7 +72,9 @@ def check_lengths(describer: Describer, items: Sequence[Mapping], max_new_tokens
                 )
 
 
-def item_gradients(describer: Describer, items: Sequence[Mapping], batch_size: int = 32) -> np.ndarray:
+def item_gradients(
+    describer: Describer, items: Sequence[Mapping], batch_size: int = 32, progress: bool = False
+) -> np.ndarray:
     """(N, d) gradients of each item's loss on `right` at the describer's source layer, from the original model."""
     from gradsense.gradients import activation_gradients
 
@@ -88,7 +90,7 @@ def item_gradients(describer: Describer, items: Sequence[Mapping], batch_size: i
             [describer.config.source_layer],
             batch_size=batch_size,
             ids=[it["id"] for it in items],
-            progress=False,
+            progress=progress,
         )
     return np.asarray(result.grads[0], dtype=np.float32)
 
@@ -102,9 +104,11 @@ def describe(
     batch_size: int = 16,
     max_new_tokens: int = 32,
     device: str = "auto",
+    progress: bool = False,
 ) -> list[dict]:
     """Describe the training pressure of each item `{id, prompt, right, wrong?, context?}` (target = right): returns
-    `{id, description, domain, from, to}` per item. Controls: "none", "noise", "shuffle" (see `Describer.vectors`)."""
+    `{id, description, domain, from, to}` per item. Controls: "none", "noise", "shuffle" (see `Describer.vectors`);
+    `progress` shows tqdm bars (stderr) for the gradients and the descriptions."""
     if control not in CONTROLS:
         raise GradsenseError(f"unknown control {control!r} (choose from {', '.join(CONTROLS)})")
     if control == "shuffle" and len(items) < 2:
@@ -115,10 +119,17 @@ def describe(
             raise GradsenseError(f"item {item.get('id', i) if isinstance(item, dict) else i}: {problem}")
     describer = describer or load_describer(checkpoint, device=device)
     check_lengths(describer, items, max_new_tokens)
-    grads = item_gradients(describer, items)
+    grads = item_gradients(describer, items, progress=progress)
     table = describer.describe_gradients(
-        grads, [it.get("context") for it in items], control, seed, batch_size, max_new_tokens
+        grads, [it.get("context") for it in items], control, seed, batch_size, max_new_tokens, progress=progress
     )
     # Unparsed fields are null (pandas turns None into NaN, which is not valid JSON).
     rows = table[list(FIELDS[1:])].astype(object).where(table.notna(), None).to_dict("records")
     return [{"id": item["id"], **row} for item, row in zip(items, rows)]
+
+
+def summary_line(records: Sequence[Mapping], seconds: float) -> str:
+    """One line on a finished run: items, seconds, and how many of each head field parsed."""
+    n = len(records)
+    parsed = ", ".join(f"{field} {sum(r.get(field) is not None for r in records)}/{n}" for field in FIELDS[2:])
+    return f"{n} items described in {seconds:.1f} s; fields parsed: {parsed}"
