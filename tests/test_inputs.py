@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from gradsense.errors import GradsenseError
-from gradsense.inputs import join_items, read_labels, source_layer_of, training_items, validation_set
+from gradsense.gradients import extracted_layer
+from gradsense.inputs import join_items, read_labels, training_items, validation_set
 
 
 def test_read_labels_names_the_bad_record(tmp_path):
@@ -53,7 +54,15 @@ def test_validation_set_spreads_over_domains():
     assert validation_set(pool.iloc[:0], 3).empty
 
 
-def test_source_layer_of():
-    assert source_layer_of([7, 15, 22], None) == 15 and source_layer_of([7, 15, 22], 22) == 22
-    with pytest.raises(GradsenseError, match="source layer 9 was not extracted"):
-        source_layer_of([7, 15, 22], 9)
+def test_extracted_layer_rule():
+    """The block a stage reads: the one asked for (it must have been extracted), else the middle extracted one."""
+    assert extracted_layer([7, 15, 22], None) == 15 and extracted_layer([7, 15, 22], 22) == 22
+    assert extracted_layer([7, 15]) == 15 and extracted_layer([3]) == 3
+    with pytest.raises(
+        GradsenseError, match=r"source layer 9 was not extracted by the gradients stage \(have \[7, 15, 22\]\)"
+    ):
+        extracted_layer([7, 15, 22], 9)
+    with pytest.raises(GradsenseError, match="oracle layer 9 was not extracted"):
+        extracted_layer([7, 15, 22], 9, role="oracle")
+    with pytest.raises(GradsenseError, match="no extracted gradient layers"):
+        extracted_layer([])

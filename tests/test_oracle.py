@@ -10,7 +10,6 @@ from gradsense.gradients import activation_gradients
 from gradsense.oracle import (
     check_alphas,
     choose_alpha,
-    choose_layer,
     step_edit,
     unit_directions,
     virtual_step,
@@ -119,13 +118,6 @@ def test_choose_alpha_rule():
     assert chosen["alpha"] == 0.03 and chosen["rule_met"] and chosen["median_gain"] == pytest.approx(1.2)
     unmet = choose_alpha(table, 10.0)
     assert unmet["alpha"] == 0.1 and not unmet["rule_met"]
-
-
-def test_choose_layer_rule():
-    assert choose_layer([7, 15, 22]) == 15 and choose_layer([7, 15]) == 15 and choose_layer([3]) == 3
-    assert choose_layer([7, 15, 22], 22) == 22
-    with pytest.raises(GradsenseError, match="oracle layer 9 is not among"):
-        choose_layer([7, 15, 22], 9)
 
 
 def test_observed_tokens_extend_whitespace(tiny, grads):

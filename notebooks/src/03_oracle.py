@@ -47,7 +47,7 @@ from gradsense import oracle, validity
 from gradsense.corrections import load_corrections
 from gradsense.errors import GradsenseError
 from gradsense.files import read_jsonl, write_jsonl
-from gradsense.gradients import load_gradients
+from gradsense.gradients import extracted_layer, load_gradients
 from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.sampling import stratified
@@ -68,7 +68,7 @@ seed_everything(seed)
 table = load_corrections(paths.corrections)
 arrays = load_gradients(paths.gradients)
 layers = arrays["layers"]
-layer = oracle.choose_layer(layers, layer)
+layer = extracted_layer(layers, layer, role="oracle")
 missing = sorted(set(arrays["ids"]) - set(table["id"]))
 if missing:
     raise GradsenseError(f"gradients file has ids not in corrections.csv, e.g. {missing[0]}")

@@ -47,11 +47,11 @@ import seaborn as sns
 import gradsense
 from gradsense.checkpoint import load_describer, read_meta, save_checkpoint
 from gradsense.describer import DescriberConfig
+from gradsense.gradients import extracted_layer
 from gradsense.inputs import (
     contexts_path,
     load_stage_inputs,
     read_contexts,
-    source_layer_of,
     training_items,
     validation_set,
 )
@@ -73,7 +73,7 @@ rng = seed_everything(seed)
 stage = load_stage_inputs(paths)
 contexts = read_contexts(contexts_path())
 neutral = contexts.loc[contexts["pool"] == "neutral", "text"].tolist()
-layer = source_layer_of(stage.arrays["layers"], source_layer)
+layer = extracted_layer(stage.arrays["layers"], source_layer)
 grads = stage.vectors("grads", layer)
 train_items, val_pool = training_items(stage.items, heldout_domain)
 val_set = validation_set(val_pool, val_items)

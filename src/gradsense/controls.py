@@ -9,7 +9,7 @@ import pandas as pd
 
 from gradsense.errors import GradsenseError
 from gradsense.evaluate import READ_DOMAIN, read_domain_values
-from gradsense.main_table import Pair, core_rates
+from gradsense.main_table import Pair, condition_rows
 from gradsense.stats import rate_rows
 
 GROUP = "controls"  # the controls' group in the main table
@@ -77,7 +77,7 @@ def controls_table(
     ranks first under −g: "answer token in 'to'") and the linear probe (predicted = true domain); group GROUP."""
     if len(probe_predicted) != len(probe_truth):
         raise GradsenseError(f"{len(probe_predicted)} probe predictions for {len(probe_truth)} items")
-    rows = [row for name, (s, d) in runs.items() for row in core_rates(s, d, n_boot, seed, condition=name)]
+    rows = condition_rows(runs, n_boot, seed)
     if SHUFFLED in runs:
         shuffled = runs[SHUFFLED][0]
         rows += rate_rows({READ_DOMAIN: read_domain_values(shuffled)}, n_boot, seed, condition=SHUFFLED)

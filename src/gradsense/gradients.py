@@ -83,6 +83,18 @@ def resolve_layers(model: nn.Module, spec: int | float | Sequence[int | float]) 
     return layers
 
 
+def extracted_layer(layers: Sequence[int], wanted: int | None = None, role: str = "source") -> int:
+    """The block a later stage reads (`role` names it in errors): `wanted`, which must be one of the extracted
+    `layers`, or when None the middle extracted layer, `layers[len(layers) // 2]` (the 2nd of 3 depths)."""
+    layers = [int(x) for x in layers]
+    if not layers:
+        raise GradsenseError(f"no extracted gradient layers to choose the {role} layer from")
+    chosen = layers[len(layers) // 2] if wanted is None else int(wanted)
+    if chosen not in layers:
+        raise GradsenseError(f"{role} layer {chosen} was not extracted by the gradients stage (have {layers})")
+    return chosen
+
+
 def _leaf(h: torch.Tensor) -> torch.Tensor:
     """A detached copy that requires grad: the backward pass stops here."""
     return h.detach().requires_grad_(True)

@@ -12,19 +12,10 @@ import pandas as pd
 from gradsense.corrections import load_corrections
 from gradsense.errors import GradsenseError
 from gradsense.files import read_jsonl
-from gradsense.gradients import load_gradients
+from gradsense.gradients import extracted_layer, load_gradients
 from gradsense.models import data_dir
 from gradsense.paths import Paths
-
-
-def source_layer_of(layers: Sequence[int], wanted: int | None) -> int:
-    """The gradient layer to read: `wanted`, or the middle extracted layer when None (error when not extracted)."""
-    layers = [int(x) for x in layers]
-    if wanted is None:
-        return layers[len(layers) // 2]
-    if wanted not in layers:
-        raise GradsenseError(f"source layer {wanted} was not extracted by the gradients stage (have {layers})")
-    return int(wanted)
+from gradsense.sampling import stratified
 
 
 def read_labels(path: str | Path) -> dict[str, str]:
@@ -72,9 +63,10 @@ def training_items(items: pd.DataFrame, heldout_domain: str | None) -> tuple[pd.
 
 
 def validation_set(pool: pd.DataFrame, n: int) -> pd.DataFrame:
-    """Up to `n` rows of `pool`, spread over its domains (the first ⌈n / domains⌉ of each, domains in sorted order)."""
+    """Up to `n` rows of `pool`, spread over its domains: the first ⌈n / domains⌉ of each (`sampling.stratified`),
+    then the first `n` of those in the pool's order."""
     per_domain = -(-n // max(pool["domain"].nunique(), 1))
-    return pool.groupby("domain", sort=True).head(per_domain).head(n)
+    return stratified(pool, "domain", per_group=per_domain).head(n)
 
 
 def contexts_path() -> Path:
@@ -91,7 +83,7 @@ class StageInputs:
 
     def vectors(self, key: str, layer: int) -> np.ndarray:
         """`key` ("grads", "acts" or "steering") at one extracted layer (error when it was not extracted)."""
-        return self.arrays[key][self.arrays["layers"].index(source_layer_of(self.arrays["layers"], layer))]
+        return self.arrays[key][self.arrays["layers"].index(extracted_layer(self.arrays["layers"], layer))]
 
 
 def load_stage_inputs(paths: Paths) -> StageInputs:

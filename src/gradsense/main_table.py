@@ -9,11 +9,11 @@ import pandas as pd
 
 from gradsense.decoupling import run_decoupling
 from gradsense.describer import Describer
-from gradsense.evaluate import describe_items
+from gradsense.evaluate import METRICS, describe_items
 from gradsense.stats import rate_rows
 
 # The main table's metrics: name → column of a scored test frame / of a decoupling frame.
-CORE_TEST = {"domain accuracy": "domain_ok", "answer token in 'to'": "token_ok", "names a domain": "pressure"}
+CORE_TEST = {metric: METRICS[metric] for metric in ("domain accuracy", "answer token in 'to'", "names a domain")}
 CORE_DECOUPLING = {"decoupling success": "success", "decoupling leakage": "leakage"}
 COLUMNS = ["group", "condition", "metric", "estimate", "low", "high", "n"]  # the long form's columns
 
@@ -65,6 +65,11 @@ def core_rates(
     return rate_rows(values, n_boot, seed, **keys)
 
 
+def condition_rows(runs: Mapping[str, Pair], n_boot: int = 1000, seed: int = 0, **keys: object) -> list[dict]:
+    """`core_rates` of every run, its name as the condition (`keys` added to every row)."""
+    return [row for name, (s, d) in runs.items() for row in core_rates(s, d, n_boot, seed, condition=name, **keys)]
+
+
 def run_rows(runs: Mapping[tuple[str, str], Pair], n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """`core_rates` of every run, keyed (group, condition)."""
     return [
@@ -104,7 +109,7 @@ def pool(pairs: Sequence[Pair]) -> tuple[pd.DataFrame, pd.DataFrame]:
 def seeds_table(seed_runs: Mapping[str, Pair], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """The main result per seed (conditions = the keys) and pooled over seeds (`pooled_condition`), group
     MAIN_RESULT."""
-    rows = [row for name, (s, d) in seed_runs.items() for row in core_rates(s, d, n_boot, seed, condition=name)]
+    rows = condition_rows(seed_runs, n_boot, seed)
     pooled_test, pooled_decoupled = pool(list(seed_runs.values()))
     rows += core_rates(pooled_test, pooled_decoupled, n_boot, seed, condition=pooled_condition(len(seed_runs)))
     return pd.DataFrame(rows).assign(group=MAIN_RESULT)

@@ -2,9 +2,9 @@
 
 A virtual step replaces the output h of block `layer` at the last prompt position by h − α·(g/‖g‖)·‖h‖, so α is a
 fraction of the residual norm. `virtual_step` does one item over the whole vocabulary; `virtual_steps` does many items
-× an α grid and step kinds (−g, +g, random same-norm directions) in one forward per batch; `choose_alpha` and
-`choose_layer` state the rules for the labelling α and block; the labelling pass at that α (`item_shifts`) lives in
-`gradsense.shifts`. The check against a real SGD step and label faithfulness live in `gradsense.validity`.
+× an α grid and step kinds (−g, +g, random same-norm directions) in one forward per batch; `choose_alpha` states the
+rule for the labelling α (the block is `gradients.extracted_layer`); the labelling pass at that α (`item_shifts`)
+lives in `gradsense.shifts`. The check against a real SGD step and label faithfulness live in `gradsense.validity`.
 """
 
 from __future__ import annotations
@@ -334,15 +334,3 @@ def choose_alpha(table: pd.DataFrame, min_median_gain: float = 1.0) -> dict:
         "min_median_gain": float(min_median_gain),
         "medians": {float(k): float(v) for k, v in medians.items()},
     }
-
-
-def choose_layer(layers: Sequence[int], layer: int | None = None) -> int:
-    """The oracle's block: `layer` if given (it must be one of the extracted `layers`), else the middle extracted
-    layer, `layers[len(layers) // 2]` (the 2nd of 3 depths)."""
-    layers = [int(x) for x in layers]
-    if not layers:
-        raise GradsenseError("no extracted gradient layers to choose the oracle layer from")
-    chosen = layers[len(layers) // 2] if layer is None else int(layer)
-    if chosen not in layers:
-        raise GradsenseError(f"oracle layer {chosen} is not among the extracted gradient layers {layers}")
-    return chosen
