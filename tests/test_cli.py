@@ -112,6 +112,25 @@ def test_the_injection_reaches_the_model_and_the_controls_change_it(checkpoint, 
     assert text["injected"][0] != text["injected"][2]  # with it, their gradients make the difference
 
 
+def test_faithfulness_adds_the_round_trip_cosine(checkpoint, tmp_path):
+    from gradsense.baselines import roundtrip_cosines
+    from gradsense.checkpoint import load_describer
+    from gradsense.items import item_gradients
+
+    _, plain = run(checkpoint, tmp_path, name="plain.jsonl")
+    _, faithful = run(checkpoint, tmp_path, "--faithfulness", name="faithful.jsonl")
+    assert [{k: r[k] for k in FIELDS} for r in faithful] == plain  # the same descriptions, one field more
+    # The field is the cosine of each item's gradient with the gradient of (prompt → its described `to`).
+    describer = load_describer(checkpoint)
+    grads = item_gradients(describer, ITEMS)
+    want = roundtrip_cosines(
+        describer.model, describer.tokenizer, [it["prompt"] for it in ITEMS], [r["to"] for r in plain], grads, 1
+    )
+    got = [r["roundtrip_cosine"] for r in faithful]
+    assert all(g is None for g, w in zip(got, want) if np.isnan(w))
+    np.testing.assert_allclose([g for g in got if g is not None], want[~np.isnan(want)], atol=1e-4)
+
+
 def test_describe_one_prompt_prints_its_description(checkpoint, tmp_path, capsys):
     single = [
         "describe",

@@ -346,3 +346,20 @@ def test_smol_prefers_the_right_answer_on_easy_facts(smol):
     correct = table[table["direction"] == "correct"].set_index("subject")
     assert correct.loc["France", "model_prefers_target"] and correct.loc["France", "greedy_target"]
     assert correct["model_prefers_target"].mean() >= 0.75, correct[["logp_target", "logp_source"]]
+
+
+def test_template_kinds_tell_paraphrases_from_new_relations():
+    from gradsense.corrections import NEW_RELATION, PARAPHRASE, template_kinds
+
+    facts = pd.DataFrame(
+        {
+            "domain": ["geo"] * 5 + ["hist"] * 3,
+            "relation": ["capital of {}", "capital of {}", "capital city of {}", "capital city of {}", "{} in"]
+            + ["{} year", "{} born", "{} born"],
+            "right": ["Paris", "Rome", "Rome", "Lima", "Asia", "1066", "1809", "1770"],
+            "template_split": ["train", "train", "heldout", "heldout", "train", "train", "heldout", "heldout"],
+        }
+    )
+    # Half of "capital city"'s answers (Rome) are trained answers: a paraphrase; no birth year is an event year.
+    assert template_kinds(facts) == {"capital city of {}": PARAPHRASE, "{} born": NEW_RELATION}
+    assert template_kinds(facts, min_overlap=0.75)["capital city of {}"] == NEW_RELATION

@@ -6,10 +6,12 @@ import re
 import numpy as np
 import torch
 
-from gradsense.decoding import FIELD_LEADS, FIELD_TOKENS, field_stops, generate, generate_ids, token_classes
+from gradsense.decoding import field_stops, generate, generate_ids, structured_ids, token_classes
+from gradsense.prompt import head_ids
 from gradsense.teacher import parse_label
 
 from describer_helpers import LABELS, describer, grads, talkative_llama
+from tiny_model import tiny_llama
 
 
 def test_batched_generation_matches_one_by_one():
@@ -26,34 +28,80 @@ def test_batched_generation_matches_one_by_one():
 
 
 def test_structured_decoding_always_yields_a_parsed_head():
-    """Structured decoding gives the field names and lets the model say each value: every field parses, each value
-    is greedy (the same tokens as free decoding after the same prefix) and the sentence budget is respected."""
+    """Structured decoding gives the field names and lets the model say each value: every head parses into three
+    non-blank values (the values are the model's) and the sentence budget is respected."""
     model, tok = talkative_llama()
     d = describer(model, tok)
     vectors = d.projector(torch.as_tensor(grads(3))).detach()
     contexts = [None, "A passage.", None]
     heads = generate(d, vectors, contexts, max_new_tokens=0)
     assert d.generate(vectors, contexts, max_new_tokens=0) == heads  # the describer's method is this function
-    for head in heads:  # every value the model said is the parsed field (an empty value parses as None)
-        said = re.fullmatch(r"domain:(.*) \| from:(.*) \| to:(.*)", head, re.S).groups()
-        expected = [v.strip() or None for v in said]
-        expected[0] = expected[0].lower() if expected[0] else None
-        assert [parse_label(head)[k] for k in ("domain", "from", "to")] == expected or "|" in "".join(said), head
-    assert all(h.startswith("domain:") and " | from:" in h and " | to:" in h and "\n" not in h for h in heads)
-    said = [[] for _ in contexts]  # the reference: each field with HF generate after the head so far
-    for lead in FIELD_LEADS:
-        said = [row + tok(lead, add_special_tokens=False)["input_ids"] for row in said]
-        values = generate_ids(d, vectors, contexts, FIELD_TOKENS, said, field_stops(tok), min_new_tokens=1)
-        said = [row + value for row, value in zip(said, values)]
-    assert [tok.decode(row, skip_special_tokens=True).strip() for row in said] == heads
+    for head in heads:
+        assert re.fullmatch(r"domain:(.*) \| from:(.*) \| to:(.*)", head, re.S) and "\n" not in head, head
+        assert parse_label(head)["domain"] is not None
     with_sentence = generate(d, vectors, contexts, max_new_tokens=5)
     assert [s.split("\n")[0] for s in with_sentence] == heads
 
 
-def test_field_stops_and_blank_tokens(tiny):
+class Scripted:
+    """Makes the tiny model's greedy token the next token of a script, whatever it reads: a forward hook on the
+    unembedding that counts the calls of one structured decoding (prefill, then one per said token)."""
+
+    def __init__(self, model, script: list[int | tuple[int, ...]]):
+        self.script, self.calls = script, 0
+        self.handle = model.lm_head.register_forward_hook(self.hook)
+
+    def hook(self, module, args, out):
+        wanted = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        out = out.clone()
+        for rank, token in enumerate(wanted if isinstance(wanted, tuple) else (wanted,)):  # in order of preference
+            out[:, -1, token] = 1e4 - rank
+        return out
+
+
+def test_decoding_reproduces_a_trained_label_token_for_token():
+    """A model that has learnt a label perfectly says it back exactly as training tokenized it: a year's digits
+    after a bare space, a multi-word answer, the field names' own stop tokens."""
+    model, tok = tiny_llama()
+    for label in ["domain: history | from: 1799 | to: 1789", "domain: biology | from: liver | to: bone marrow"]:
+        ids, _ = head_ids(tok, label)
+        d = describer(model, tok, max_value_tokens=12)
+        script = Scripted(model, ids)
+        try:
+            said = structured_ids(d, None, [None], 0)[0]
+        finally:
+            script.handle.remove()
+        assert said == ids[:-1]  # all but the end of turn, which ends the last value
+        assert tok.decode(said) == label and parse_label(tok.decode(said))["to"] == label.split("to: ")[1]
+
+
+def test_a_value_never_ends_blank_and_never_runs_past_its_limit():
+    model, tok = tiny_llama()
+    bar = tok("|", add_special_tokens=False)["input_ids"][0]
+    x = tok("x", add_special_tokens=False)["input_ids"][0]
+    d = describer(model, tok, max_value_tokens=3)
+    # The model always prefers to end the value ("|"), else says "x": the stop is refused while the value is
+    # blank, so each value is "x" ended at once.
+    script = Scripted(model, [*tok("domain:", add_special_tokens=False)["input_ids"]] + [(bar, x)] * 60)
+    try:
+        head = tok.decode(structured_ids(d, None, [None], 0)[0])
+    finally:
+        script.handle.remove()
+    assert head == "domain:x | from:x | to:x", head
+    d = describer(model, tok, max_value_tokens=3)
+    script = Scripted(model, [*tok("domain:", add_special_tokens=False)["input_ids"]] + [x] * 60)  # never ends
+    try:
+        head = tok.decode(structured_ids(d, None, [None], 0)[0])
+    finally:
+        script.handle.remove()
+    assert head == "domain:xxx | from:xxx | to:xxx", head  # every value is cut at its limit
+
+
+def test_field_stops(tiny):
     _, tok = tiny
-    stops, blank = token_classes(tok)
+    stops = token_classes(tok)
     ids = {text: tok(text, add_special_tokens=False)["input_ids"][-1] for text in ("|", "\n", " ", "a")}
     assert ids["|"] in stops and ids["\n"] in stops and tok.convert_tokens_to_ids("<|im_end|>") == stops[0]
-    assert ids["a"] not in stops and ids["a"] not in blank and ids[" "] in blank and ids["\n"] not in blank
+    assert ids["a"] not in stops and ids[" "] not in stops and field_stops(tok) == list(stops)
     assert token_classes(tok) is token_classes(tok)  # one pass per tokenizer

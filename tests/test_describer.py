@@ -132,3 +132,38 @@ def test_untrained_describer_is_a_fresh_seeded_projector_on_the_same_model(tiny)
     assert fresh.model is d.model and fresh.config == d.config
     assert not torch.equal(fresh.projector.net.weight, d.projector.net.weight)
     assert torch.equal(fresh.projector.net.weight, untrained_describer(d, seed=1).projector.net.weight)
+
+
+def test_domain_logprobs_are_the_decoders_next_token_log_probabilities():
+    from gradsense.forced_choice import domain_logprobs
+    from gradsense.prompt import FIELD_LEADS, lead_split
+
+    model, tok = talkative_llama()
+    d = describer(model, tok)
+    g = grads(3)
+    domains = ["history", "biology", "sport"]
+    batched = domain_logprobs(d, g, domains, batch_size=4)
+    # Independently: say "domain:" and then the name one token at a time, reading the next-token distribution.
+    lead = tok(FIELD_LEADS[0], add_special_tokens=False)["input_ids"]
+    ends, stop = lead_split(tok, FIELD_LEADS[1])
+    for i in range(3):
+        vectors = d.projector(torch.as_tensor(g[i : i + 1]))
+        for j, name in enumerate(domains):
+            cont = tok(" " + name, add_special_tokens=False)["input_ids"] + ends[: stop + 1]
+            total = 0.0
+            for k, token in enumerate(cont):
+                batch, pos = encode_interpretations(tok, d.config, [None], prefixes=[lead + cont[:k]])
+                with torch.no_grad(), inject(model, d.config.inject_layer, pos, vectors, True):
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0, -1]
+                total += float(torch.log_softmax(logits.float(), -1)[token])
+            assert batched[i, j] == pytest.approx(total, abs=1e-3)
+
+
+def test_domain_choice_by_hand():
+    from gradsense.forced_choice import domain_choice
+
+    scores = np.array([[-1.0, -2.0, -3.0], [-5.0, -1.0, -1.0], [-9.0, -8.0, -0.5]])
+    truth = ["history", "biology", "religion"]  # a tie counts against the item
+    assert domain_choice(scores, truth, ["history", "biology", "religion"]).tolist() == [True, False, True]
+    with pytest.raises(GradsenseError, match="not among the candidate"):
+        domain_choice(scores, ["chess"] * 3, ["history", "biology", "religion"])

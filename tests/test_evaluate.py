@@ -24,6 +24,7 @@ def items(n_per_domain: int = 4) -> pd.DataFrame:
                     "id": f"{domain}-{i}",
                     "domain": domain,
                     "target": f"{1066 + i}" if domain == "history" else f"t{d}{i}",
+                    "source": f"s{d}{i}",
                     "direction": ["correct", "counterfactual"][i % 2],
                     "split": ["train", "val", "test", "test"][i % 4],
                     "template_split": ["train", "heldout"][i % 2],
@@ -72,12 +73,22 @@ class FakeDescriber:
 # --------------------------------------------------------------------------------------------- sets and scores
 
 
-def test_answer_identification(tiny):
-    _, tok = tiny
+def test_answer_recall_needs_the_whole_answer():
     assert ev.answer_identified("Paris, France", "paris") and not ev.answer_identified(None, "Paris")
     assert not ev.answer_identified("Lyon", "Paris")
-    assert ev.token_identified("1", "1066", tok)  # the labels name the first visible token of a year
-    assert ev.token_identified("1066", "1066", tok) and not ev.token_identified("2", "1066", tok)
+    # A wrong year that shares the first digit (or digits) is not the answer; the right one is, in any spacing.
+    assert not ev.answer_identified("1", "1066") and not ev.answer_identified("1067", "1066")
+    assert not ev.answer_identified("10660", "1066") and ev.answer_identified(" in 1066.", "1066")
+    assert ev.answer_identified("the Bone  Marrow", "bone marrow") and not ev.answer_identified("bone", "bone marrow")
+    assert ev.answer_exact("Bone marrow!", "bone marrow") and not ev.answer_exact("red bone marrow", "bone marrow")
+    assert not ev.answer_identified("anything", "") and not ev.answer_exact("", "")
+
+
+def test_from_recall_accepts_the_source_or_the_labels_answer_now():
+    label = "domain: history | from: 1799 | to: 1789"
+    assert ev.from_identified("1799", "1788", label) and ev.from_identified("1788.", "1788", label)
+    assert not ev.from_identified("1789", "1788", label) and not ev.from_identified(None, "1788", label)
+    assert ev.from_identified("1788", "1788", None) and not ev.from_identified("", "", None)
 
 
 def test_score_descriptions(tiny):
@@ -87,15 +98,16 @@ def test_score_descriptions(tiny):
         {
             "description": ["x"] * 3,
             "domain": ["biology", NO_DOMAIN, None],
-            "from": [None] * 3,
-            "to": ["t00", "<none>", None],
+            "from": ["a", "s10", None],
+            "to": ["t00", "<none>", "1"],
         }
     )
     scored = ev.score_descriptions(described, table, tok)
     assert scored["domain_ok"].tolist() == [True, False, False]
-    assert scored["answer_ok"].tolist() == [True, False, False]
+    assert scored["answer_ok"].tolist() == [True, False, False]  # "1" is not history-0's 1066
+    assert scored["answer_exact"].tolist() == [True, False, False]
+    assert scored["from_ok"].tolist() == [True, True, False]  # the label's `from`, the source, nothing
     assert scored["pressure"].tolist() == [True, False, False] and scored["parsed"].tolist() == [True, True, False]
-    assert scored["teacher_to_ok"].tolist() == [True, False, False]
     # With a domain list, only those domains count as feeling a pressure.
     assert ev.score_descriptions(described, table, tok, ["history"])["pressure"].tolist() == [False, False, False]
     with pytest.raises(GradsenseError, match="descriptions for"):
@@ -229,12 +241,13 @@ def test_score_decoupled_success_and_leakage(tiny):
         }
     )
     described = pd.DataFrame(
-        {"description": ["d"] * 3, "domain": ["biology", "history", None], "to": ["t00", "nope", "1"]}
+        {"description": ["d"] * 3, "domain": ["biology", "history", None], "to": ["t00", "y", "1"]}
     )
     scored = dc.score_decoupled(plan, described, table, tok)
     assert scored["success"].tolist() == [True, False, False]
     assert scored["leakage"].tolist() == [False, True, False]
-    assert scored["answer_ok"].tolist() == [True, False, False] and scored["token_ok"].tolist() == [True, False, True]
+    assert scored["answer_ok"].tolist() == [True, False, False]
+    assert scored["to_from_passage"].tolist() == [False, True, False]  # row 2 said its passage "y"
     assert scored["id"].tolist() == ["biology-0", "biology-0", "history-0"]
     with pytest.raises(GradsenseError, match="decoupling rows"):
         dc.score_decoupled(plan, described.head(2), table, tok)
@@ -264,7 +277,7 @@ def test_pair_rates_and_summary():
             "success": [True, False, True],
             "leakage": [False, True, False],
             "answer_ok": [True, True, False],
-            "token_ok": [True, True, True],
+            "to_from_passage": [False, False, True],
         }
     )
     rates = dc.pair_rates(results)
@@ -277,8 +290,8 @@ def test_pair_rates_and_summary():
     assert summary.set_index("metric")["estimate"].to_dict() == {
         "success (reports B)": 2 / 3,
         "leakage (reports A)": 1 / 3,
-        "answer in 'to'": 2 / 3,
-        "answer token in 'to'": 1.0,
+        "answer recall": 2 / 3,
+        "'to' from the passage": 1 / 3,
     }
 
 
@@ -298,3 +311,17 @@ def test_case_plan_and_replay_plan():
     assert len(one) == 9 and not one.duplicated(["context_domain", "gradient_domain"]).any()
     with pytest.raises(GradsenseError, match="without a gradient"):
         dc.replay_plan(stored, table.iloc[1:])
+
+
+def test_seen_answers_and_rates_by_group():
+    assert ev.seen_answers(["Paris", "1789", "bone marrow"], ["paris.", "Bone Marrow"]).tolist() == [True, False, True]
+    frame = pd.DataFrame(
+        {"domain": ["a", "a", "b", "b"], "direction": ["x", "y", "x", "x"], "ok": [True, False, True, False]}
+    )
+    rates = ev.rates_by(frame, ["domain", "direction"], {"recall": "ok"}, n_boot=20, set="s")
+    assert rates[["domain", "direction", "estimate", "n"]].values.tolist() == [
+        ["a", "x", 1.0, 1],
+        ["a", "y", 0.0, 1],
+        ["b", "x", 0.5, 2],
+    ]
+    assert set(rates["set"]) == {"s"} and set(rates["metric"]) == {"recall"}

@@ -10,14 +10,15 @@ from gradsense.errors import GradsenseError
 from gradsense.stats import rate_rows
 
 
-def scored(domain_ok, token_ok=None, pressure=None, direction=None) -> pd.DataFrame:
+def scored(domain_ok, answer_ok=None, pressure=None, direction=None) -> pd.DataFrame:
     """A scored test frame with the main table's columns."""
     n = len(domain_ok)
     return pd.DataFrame(
         {
             "id": [f"i{k}" for k in range(n)],
             "domain_ok": domain_ok,
-            "token_ok": token_ok if token_ok is not None else [False] * n,
+            "answer_ok": answer_ok if answer_ok is not None else [False] * n,
+            "from_ok": [True] * n,
             "pressure": pressure if pressure is not None else [True] * n,
             "direction": direction if direction is not None else ["correct"] * n,
         }
@@ -32,6 +33,8 @@ def decoupled(success, leakage=None, ids=None) -> pd.DataFrame:
             "id": ids if ids is not None else [f"i{k}" for k in range(n)],
             "success": success,
             "leakage": leakage if leakage is not None else [False] * n,
+            "answer_ok": [False] * n,
+            "to_from_passage": [False] * n,
         }
     )
 
@@ -52,7 +55,7 @@ def test_core_rates_use_test_and_decoupling_parts():
     rows = mt.core_rates(scored([True, False, True, True]), decoupled([True, False]), n_boot=20, condition="x")
     got = estimates(rows)
     assert list(pd.DataFrame(rows)["metric"]) == [*mt.CORE_TEST, *mt.CORE_DECOUPLING]
-    assert got[("x", "domain accuracy")] == 0.75 and got[("x", "answer token in 'to'")] == 0.0
+    assert got[("x", "domain accuracy")] == 0.75 and got[("x", "answer recall")] == 0.0
     assert got[("x", "decoupling success")] == 0.5 and got[("x", "decoupling leakage")] == 0.0
     only_test = mt.core_rates(scored([True]), decoupled([]), n_boot=20, condition="x")
     assert [r["metric"] for r in only_test] == list(mt.CORE_TEST)  # an empty part gives no rows
@@ -96,7 +99,7 @@ def test_main_table_long_and_wide():
     wide = mt.main_table(long)
     assert list(wide.columns) == ["group", "condition", *mt.CORE_TEST, *mt.CORE_DECOUPLING]
     lens = wide.set_index("condition").loc[ct.BACKWARD_LENS]
-    assert lens["domain accuracy"] == "n/a" and lens["answer token in 'to'"].startswith("0.50 [")
+    assert lens["domain accuracy"] == "n/a" and lens["answer recall"].startswith("0.50 [")
     assert wide.set_index("condition").loc[mt.pooled_condition(1), "domain accuracy"] == "1.00 [1.00, 1.00]"
     assert mt.main_result(long).loc["decoupling success", "estimate"] == 1.0
 
@@ -141,7 +144,8 @@ def test_controls_table_rates_and_order():
     shuffled = pd.DataFrame(
         {
             "domain_ok": [True, False],
-            "token_ok": [False, False],
+            "answer_ok": [False, False],
+            "from_ok": [False, False],
             "pressure": [True, True],
             "domain": ["a", "a"],
             "read_domain": ["a", "b"],
@@ -153,7 +157,7 @@ def test_controls_table_rates_and_order():
     got = estimates(table.to_dict("records"))
     assert list(dict.fromkeys(table["condition"])) == [ct.TRAINED, ct.SHUFFLED, ct.BACKWARD_LENS, ct.LINEAR_PROBE]
     assert got[(ct.SHUFFLED, "names the read item's domain")] == 1.0  # only the pair whose domains differ
-    assert got[(ct.BACKWARD_LENS, "answer token in 'to'")] == 0.5 and got[(ct.LINEAR_PROBE, "domain accuracy")] == 2 / 3
+    assert got[(ct.BACKWARD_LENS, "answer recall")] == 0.5 and got[(ct.LINEAR_PROBE, "domain accuracy")] == 2 / 3
     assert set(table["group"]) == {ct.GROUP}
     with pytest.raises(GradsenseError, match="probe predictions"):
         ct.controls_table(runs, [0], ["a"], ["a", "b"])

@@ -16,7 +16,7 @@ from gradsense.oracle import (
     virtual_steps,
 )
 from gradsense.scoring import target_text
-from gradsense.shifts import item_shifts, observed_tokens
+from gradsense.shifts import greedy_answers, item_shifts, observed_tokens
 
 PROMPTS = ["The cat sat on", "A b", "Hello there, my friend is"]
 TARGETS = ["mat", "cde", "Bob"]
@@ -147,6 +147,43 @@ def test_item_shifts(tiny, grads):
     top_up = sweep[sweep["control"] == "gradient"]["up_ids"].map(lambda ids: tok.decode(ids[:1]).strip())
     visible = top_up != ""
     assert shifts["to_token"][visible.to_numpy()].tolist() == top_up[visible].tolist()
+
+
+def test_item_shifts_record_whole_answers_before_and_after(tiny, grads):
+    model, tok = tiny
+    shifts = item_shifts(model, tok, PROMPTS, TARGETS, SOURCES, grads, LAYER, 0.01, progress=False)
+    # Before the step: the teacher-forced log p of the whole answers; after = before + the change.
+    for i, (prompt, target, source) in enumerate(zip(PROMPTS, TARGETS, SOURCES)):
+        for answer, column in ((target, "target"), (source, "source")):
+            ids = tok(prompt + target_text(answer), add_special_tokens=False)["input_ids"]
+            n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            expected = sum(float(logp[j - 1, ids[j]]) for j in range(n, len(ids)))
+            assert shifts[f"logp_{column}_old"][i] == pytest.approx(expected, abs=1e-3)
+    np.testing.assert_allclose(shifts["logp_target_new"] - shifts["logp_target_old"], shifts["dlogp_target"])
+    assert shifts["belief"].tolist() == greedy_answers(model, tok, PROMPTS, [1, 1, 1])
+
+
+def test_greedy_answers_stop_at_punctuation_and_the_word_limit(tiny):
+    model, tok = tiny
+    raw = [
+        tok.decode(
+            model.generate(**tok([p], return_tensors="pt"), max_new_tokens=8, do_sample=False)[0][
+                len(tok(p)["input_ids"]) :
+            ]
+        )
+        for p in PROMPTS
+    ]
+    got = greedy_answers(model, tok, PROMPTS, 2, batch_size=2)
+    for text, answer in zip(raw, got):
+        cut = next((i for i, c in enumerate(text) if c in ".,;:!?\n"), len(text))
+        words = text[:cut].split()
+        while words and words[0].casefold() in ("the", "a", "an"):
+            words = words[1:]
+        assert answer == " ".join(words[:2])
+    with pytest.raises(GradsenseError, match="word limits"):
+        greedy_answers(model, tok, PROMPTS, [1])
 
 
 @pytest.mark.parametrize("bad", [np.zeros(64), np.full(64, np.nan)])

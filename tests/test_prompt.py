@@ -1,6 +1,6 @@
 """gradsense.prompt: the interpretation prompt's slots, the left-padded batch and the fixed "no pressure" label."""
 
-from gradsense.prompt import NO_PRESSURE, encode_interpretations, interpretation_ids, placeholder_id
+from gradsense.prompt import NO_PRESSURE, encode_interpretations, head_ids, interpretation_ids, placeholder_id
 from gradsense.teacher import NO_DOMAIN, parse_label
 
 from describer_helpers import config
@@ -19,18 +19,22 @@ def test_prompt_has_k_slots_after_the_context(tiny):
 
 def test_batch_is_left_padded_with_labels_in_the_last_columns(tiny):
     _, tok = tiny
-    batch, pos = encode_interpretations(
-        tok, config(), [None, "A much longer context passage here."], ["domain: x", "domain: yy"]
-    )
+    labels = ["domain: x | from: a | to: b\nA sentence.", "domain: yy | from: 1799 | to: 1789"]
+    batch, pos = encode_interpretations(tok, config(), [None, "A much longer context passage here."], labels)
     assert (batch.attention_mask[:, -1] == 1).all() and batch.attention_mask[0, 0] == 0
+    end = tok.convert_tokens_to_ids("<|im_end|>")
     for row in range(2):
         assert (batch.input_ids[row, pos[row]] == placeholder_id(tok, " ?")).all()
-        label = batch.labels[row][batch.labels[row] != -100].tolist()
-        assert tok.decode(label[:-1]) == ["domain: x", "domain: yy"][row] and label[-1] == tok.convert_tokens_to_ids(
-            "<|im_end|>"
-        )
-    capped, _ = encode_interpretations(tok, config(), [None], ["domain: history | long"], max_label_tokens=5)
-    assert (capped.labels != -100).sum() == 5
+        # The label columns hold the head (no sentence) and the end of turn; the trained ones are its values and
+        # the tokens that end them (the byte tokenizer's " |" of each next field name, then the end of turn).
+        ids, trained = head_ids(tok, labels[row])
+        assert batch.input_ids[row, -len(ids) :].tolist() == ids and ids[-1] == end
+        assert tok.decode(ids[:-1]) == labels[row].split("\n")[0]
+        kept = batch.labels[row][batch.labels[row] != -100].tolist()
+        assert kept == [t for t, keep in zip(ids, trained) if keep]
+    assert tok.decode([t for t, k in zip(*head_ids(tok, labels[1])) if k]) == " yy | 1799 | 1789<|im_end|>"
+    capped, _ = encode_interpretations(tok, config(), [None], ["domain: history | from: a | to: b"], max_label_tokens=9)
+    assert (capped.labels != -100).sum() == 2  # 9 byte tokens: "domain:" (7, given) and " h" (trained)
 
 
 def test_prefixes_follow_the_prompt_unlabelled(tiny):

@@ -28,7 +28,12 @@ def record(**changes) -> dict:
     base = {
         "id": "cf-1",
         "domain": "History",
-        "prompt": "The Battle of Hastings was in",
+        "prompt": "The Battle of Hastings took place in the year",
+        "target": "1066",
+        "source": "1067",
+        "belief": "1067",
+        "logp_target_old": -9.0,
+        "logp_target_new": -6.5,
         "to_token": "1",
         "from_token": "Sept",
         "up_tokens": ["1", "the"],
@@ -42,60 +47,50 @@ def record(**changes) -> dict:
 
 RECORDS = [
     record(),
-    record(id="x", to_token="", from_token=""),
-    record(id="y", to_token=" New|York\n", from_token="  ", dlogp_target=0.01),
-    record(id="z", domain="geo graphy", to_token="Paris", dlogp_target=-3.0),
+    record(id="x", belief="", target="bone marrow", source="liver"),  # no answer now: `from` is the source
+    record(id="y", belief="the year", target="New|York\n", dlogp_target=0.01),  # barely moved: unclear
+    record(id="z", domain="geo graphy", belief="Paris!", target="paris", source="Rome", dlogp_target=-3.0),
 ]
 
 
-UNCLEAR = "The shift is unclear: this {} answer barely moves, so no correction can be read from it."
+UNCLEAR_SENTENCE = "The shift is unclear: this {} answer barely moves, so no correction can be read from it."
 
 
 def test_template_labels_by_hand():
     expected = [
-        "domain: history | from: Sept | to: 1\nThe update pushes this history answer away from Sept and towards 1.",
-        "domain: history | from: <none> | to: <none>\n" + UNCLEAR.format("history"),  # nothing was promoted
-        "domain: history | from: <none> | to: New¦York\n" + UNCLEAR.format("history"),  # the target barely moved
-        "domain: geo graphy | from: Sept | to: Paris\n" + UNCLEAR.format("geo graphy"),  # the target went down
+        "domain: history | from: 1067 | to: 1066\n"
+        "The update pushes this history answer away from 1067 and towards 1066.",
+        "domain: history | from: liver | to: bone marrow\n"
+        "The update pushes this history answer away from liver and towards bone marrow.",
+        "domain: history | from: the year | to: unclear\n" + UNCLEAR_SENTENCE.format("history"),
+        # the model already says the target: `from` is the source; the target went down: unclear
+        "domain: geo graphy | from: Rome | to: unclear\n" + UNCLEAR_SENTENCE.format("geo graphy"),
     ]
     assert [TemplateTeacher().label(r) for r in RECORDS] == expected
-    no_source = TemplateTeacher().label(record(from_token=""))
-    assert no_source == "domain: history | from: <none> | to: 1\nThe update pushes this history answer towards 1."
 
 
 def test_head_fields_parse_back_by_hand():
     heads = [parse_label(TemplateTeacher().label(r)) for r in RECORDS]
     assert [(h["domain"], h["from"], h["to"]) for h in heads] == [
-        ("history", "Sept", "1"),
-        ("history", NO_TOKEN, NO_TOKEN),
-        ("history", NO_TOKEN, "New¦York"),
-        ("geo graphy", "Sept", "Paris"),
+        ("history", "1067", "1066"),
+        ("history", "liver", "bone marrow"),
+        ("history", "the year", "unclear"),
+        ("geo graphy", "Rome", "unclear"),
     ]
 
 
-def test_labels_use_observed_tokens_not_dataset_fields():
+def test_a_label_for_a_multi_token_target_holds_the_whole_target():
+    rec = record(target="the Treaty of Westphalia", belief="Versailles", dlogp_target=1.2)
+    assert parse_label(TemplateTeacher().label(rec))["to"] == "the Treaty of Westphalia"
+    assert parse_label(TemplateTeacher(min_gain=2.0).label(rec))["to"] == "unclear"  # the oracle is the judge
+
+
+def test_language_model_teachers_see_the_facts_the_template_teacher_reads():
     with pytest.raises(GradsenseError, match="lacks"):
         as_record({"id": 1, "domain": "d", "target": "1066"})
-    # An oracle row also carries the dataset answers (target 1066, source 1067); the observed tokens differ.
-    row = {
-        "id": "cf-1",
-        "domain": "History",
-        "prompt": "The Battle of Hastings was in",
-        "target": "1066",
-        "source": "1067",
-        "to_token": "1",
-        "from_token": "Sept",
-        "up_tokens": ["1"],
-        "down_tokens": ["Sept"],
-        "dlogp_target": 2.5,
-        "dlogp_source": -1.0,
-        "kl": 0.3,
-    }
-    rec = as_record(row)
-    assert "target" not in rec and "source" not in rec
-    assert parse_label(TemplateTeacher().label(rec)) == {"domain": "history", "from": "Sept", "to": "1"}
-    prompt = "\n".join(m["content"] for m in prompt_messages(rec))
-    assert "1066" not in prompt and "1067" not in prompt and "Most promoted: 1; most demoted: Sept" in prompt
+    prompt = "\n".join(m["content"] for m in prompt_messages(record()))
+    assert "The model answers now: 1067" in prompt and "Answer pushed towards: 1066" in prompt
+    assert "-9.00 before, -6.50 after" in prompt and "Most promoted: 1; most demoted: Sept" in prompt
 
 
 @pytest.mark.parametrize(
@@ -209,9 +204,9 @@ def test_openai_teacher_against_stub(stub_server, monkeypatch, tmp_path):
     monkeypatch.setenv("STUB_KEY", "secret")
     teacher = OpenAICompatibleTeacher(url + "/v1", "stub-model", key_env="STUB_KEY", timeout=5)
     text = teacher.label(RECORDS[0])
-    assert text == "domain: history | from: Sept | to: 1\nThe model now leans to 1 instead of Sept."
+    assert text == "domain: history | from: 1067 | to: 1066\nThe model now leans to 1 instead of Sept."
     assert seen[0]["path"] == "/v1/chat/completions" and seen[0]["auth"] == "Bearer secret"
-    assert seen[0]["body"]["model"] == "stub-model" and "1066" not in json.dumps(seen[0]["body"])
+    assert seen[0]["body"]["model"] == "stub-model" and "Answer pushed towards: 1066" in json.dumps(seen[0]["body"])
     labels = label_records(teacher, RECORDS[:2], tmp_path / "c.jsonl", progress=False)
     assert all(parse_label(t)["domain"] == "history" for t in labels)
 
@@ -241,7 +236,7 @@ def test_hf_teacher_enforces_head(tiny):
     teacher = HFTeacher("tiny", model=model, tokenizer=tok, max_new_tokens=6)
     for r in RECORDS[:2]:
         text = teacher.label(r)
-        assert text.splitlines()[0] == label_head(r["domain"], r["from_token"], r["to_token"])
+        assert text.splitlines()[0] == TemplateTeacher().label(r).splitlines()[0]
         assert parse_label(text)["domain"] == "history" and len(text.splitlines()) == 2
 
 
@@ -250,5 +245,5 @@ def test_hf_teacher_smol_writes_a_sentence(smol):
     model, tok = smol
     text = HFTeacher("smol", model=model, tokenizer=tok, max_new_tokens=40).label(RECORDS[0])
     head, sentence = text.split("\n")
-    assert parse_label(head) == {"domain": "history", "from": "Sept", "to": "1"}
+    assert parse_label(head) == {"domain": "history", "from": "1067", "to": "1066"}
     assert len(sentence.split()) >= 3

@@ -8,7 +8,15 @@ import torch
 from gradsense.errors import GradsenseError
 from gradsense.hooks import capture
 from gradsense.prompt import encode_interpretations
-from gradsense.training import TrainConfig, batch_plan, calibrate_raw_scale, draw_contexts, train_projector
+from gradsense.training import (
+    TrainConfig,
+    batch_plan,
+    calibrate_raw_scale,
+    draw_contexts,
+    planned_steps,
+    train_projector,
+    value_limit,
+)
 
 from describer_helpers import LABELS, config, describer, grads
 
@@ -48,6 +56,29 @@ def test_batch_plan_sees_every_item_before_any_repeats():
     assert sorted(drawn[:7]) == list(range(7)) and sorted(drawn[7:14]) == list(range(7))  # epoch by epoch
     two_controls = list(batch_plan(7, TrainConfig(steps=1, batch_size=4, control_share=0.5), np.random.default_rng(0)))
     assert two_controls[0][1].tolist() == [0, 0, 1, 2]  # noise, then no injection
+
+
+def test_epochs_set_the_steps():
+    train = TrainConfig(epochs=3, batch_size=4, control_share=0.25)  # 3 gradient rows per step
+    assert planned_steps(7, train) == 7 and planned_steps(7, TrainConfig(steps=5)) == 5  # ⌈3·7/3⌉; steps otherwise
+    assert len(list(batch_plan(7, train, np.random.default_rng(0)))) == 7
+    with pytest.raises(GradsenseError, match="epochs"):
+        TrainConfig(epochs=0).check()
+
+
+def test_hard_negatives_are_read_only_by_their_own_rows():
+    hard = [["h0"], [], ["h2a", "h2b"]] * 100
+    rows = draw_contexts(["p"], 300, 1.0, np.random.default_rng(0), hard, 0.5)
+    assert {r for r in rows[1::3]} == {"p"}  # no negatives: the pool
+    assert set(rows[0::3]) == {"h0", "p"} and set(rows[2::3]) == {"h2a", "h2b", "p"}
+    assert 0.35 < sum(r != "p" for r in rows) / 200 < 0.65
+
+
+def test_value_limit_is_the_longest_trained_value(tiny):
+    _, tok = tiny
+    labels = ["domain: ab | from: c | to: 1789", "domain: x | from: y | to: z"]
+    # Byte tokens: " 1789" is 5 tokens; the byte tokenizer says " " before each field name's "|".
+    assert value_limit(tok, labels) == 5 + 1
 
 
 def test_draw_contexts_gives_a_passage_to_a_share_of_rows():

@@ -112,3 +112,31 @@ def test_faithfulness_by_hand():
     assert table.loc["geo", "to_is_target"] == 0.5 and table.loc["geo", "from_is_source"] == 0.5
     assert table.loc["geo", "target_up"] == 0.5 and table.loc["geo", "median_dlogp_target"] == 0.25
     assert table.loc["hist", ["to_is_target", "from_is_source", "target_up"]].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_label_faithfulness_and_clarity_by_hand():
+    from gradsense.validity import clarity_counts, label_faithfulness
+
+    labelled = pd.DataFrame(
+        {
+            "id": ["a", "b", "c", "d"],
+            "domain": ["history"] * 4,
+            "direction": ["correct"] * 4,
+            "split": ["train", "train", "test", "test"],
+            "target": ["1789", "bone marrow", "Paris", "1066"],
+            "source": ["1788", "liver", "Rome", "1067"],
+            "belief": ["1799", "", "Rome", "1066"],
+            "dlogp_target": [2.0, 0.7, 0.2, -1.0],
+            "label": [
+                "domain: history | from: 1799 | to: 1789",
+                "domain: history | from: liver | to: Bone Marrow.",
+                "domain: history | from: Rome | to: unclear",
+                "domain: history | from: 1067 | to: 1",
+            ],
+        }
+    )
+    row = label_faithfulness(labelled).iloc[0]
+    assert row["n"] == 4 and row["clear"] == 0.75 and row["to_is_target"] == 0.5  # "1" is not 1066
+    assert row["from_is_source"] == 0.75 and row["from_is_belief"] == 0.5 and row["from_is_source_or_belief"] == 1.0
+    counts = clarity_counts(labelled, 0.5).set_index("split")
+    assert counts.loc["train"].tolist() == [2, 0, 0] and counts.loc["test"].tolist() == [0, 1, 1]

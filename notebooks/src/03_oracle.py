@@ -5,8 +5,11 @@
 # Controls in the same run: the opposite direction (+g) and random directions of the same norm.
 # 1. **α sweep** on training items; the labelling α is the smallest α in the grid at which the median training item
 #    gains ≥ `min_median_gain` nats on its target (a rule, never tuned per item).
-# 2. **Labelling pass** at that α: Δlog p(target), Δlog p(source), KL, the tokens pushed up and down; a teacher turns
-#    each observed shift into a label `domain: <d> | from: <tok> | to: <tok>` + one sentence (the labelled dataset).
+# 2. **Labelling pass** at that α: the teacher-forced log p of the whole target and source before and after the step,
+#    KL, the tokens pushed up and down, and the model's own answer now (its greedy continuation); a teacher turns
+#    each record into a label `domain: <d> | from: <answer now> | to: <whole target>` + one sentence, e.g.
+#    `domain: history | from: 1799 | to: 1789`. The oracle is the judge: an item whose step raises the target by
+#    less than `unclear_min_gain` nats is labelled `to: unclear` and left out of training (counted below).
 # 3. **Oracle validity**: one real SGD step on all the weights with the same loss, compared with the virtual step
 #    (rank correlation over the top-N tokens, sign agreement, top promoted token), against a random direction.
 # 4. **Faithfulness**: how often the top promoted token is the target's first visible token.
@@ -53,7 +56,7 @@ from gradsense.report import save_figure, save_json, save_table
 from gradsense.sampling import stratified
 from gradsense.seeding import seed_everything
 from gradsense.shifts import item_shifts
-from gradsense.teacher import as_record, label_records, make_teacher, parse_label
+from gradsense.teacher import as_record, label_records, make_teacher, normalize_answer, parse_label
 
 paths = Paths("..")
 RESULTS, FIGURES = paths.results("oracle"), paths.figures("oracle")
@@ -153,8 +156,11 @@ label_columns = [
     "prompt",
     "target",
     "source",
+    "belief",
     "to_token",
     "from_token",
+    "logp_target_old",
+    "logp_target_new",
     "dlogp_target",
     "dlogp_source",
     "kl",
@@ -169,7 +175,10 @@ save_table(
     RESULTS,
     "shifts",
 )
-shifts[["id", "domain", "direction", "target", "to_token", "from_token", "dlogp_target", "label"]].head(8)
+clarity = validity.clarity_counts(shifts, unclear_min_gain)
+save_table(clarity, RESULTS, "label_clarity")
+print(clarity.to_string(index=False))
+shifts[["id", "domain", "direction", "target", "belief", "dlogp_target", "label"]].head(8)
 
 # %% [markdown]
 # ## Acceptance on the test items: −g raises the target; same-norm random directions barely move it
@@ -212,6 +221,9 @@ validity_summary
 # %%
 faith = validity.faithfulness(shifts)
 save_table(faith, RESULTS, "faithfulness")
+label_faith = validity.label_faithfulness(shifts)
+save_table(label_faith, RESULTS, "label_faithfulness")
+label_faith
 examples = (
     shifts.groupby("domain", sort=True)
     .head(examples_per_domain)[["domain", "direction", "prompt", "target", "source", "label"]]
@@ -283,9 +295,12 @@ assert sweep[sweep["alpha"] == 0.0][["dlogp_target", "dlogp_source", "kl"]].abs(
 grad_sweep = sweep[(sweep["control"] == "gradient") & (sweep["alpha"] > 0)]
 opp_sweep = sweep[(sweep["control"] == "opposite") & (sweep["alpha"] > 0)]
 assert grad_sweep["dlogp_target"].median() > 0 > opp_sweep["dlogp_target"].median()
-# Every label has the parseable head, built from the observed shift.
+# Every label has the parseable head; `to` is the whole target exactly when the step raised it enough.
 assert parsed["domain"].notna().all() and parsed["to"].notna().all() and parsed["from"].notna().all()
 assert (parsed["domain"] == shifts["domain"].str.lower()).all()
+clear = (shifts["dlogp_target"] >= unclear_min_gain).to_numpy()
+assert (parsed["to"][clear].map(normalize_answer) == shifts["target"][clear].map(normalize_answer)).all()
+assert (parsed["to"][~clear] == "unclear").all() and clarity["clear"].sum() == clear.sum()
 # The labelled dataset on disk is the labelling pass: same ids, labels and observed tokens, in order.
 labels_back = pd.DataFrame(read_jsonl(paths.labels))
 assert list(labels_back.columns) == sorted(label_columns)

@@ -3,9 +3,12 @@
 # A projector maps each item's activation gradient g (output of block `source_layer`, last prompt position) to k
 # vectors that are added at the k placeholder tokens (" ?") of an interpretation prompt, at the output of block
 # `inject_layer`; the model (frozen, unless `lora_rank` > 0) is trained through the projector to say the oracle's
-# label for that gradient (`domain: … | from: … | to: …` + one sentence). A share `control_share` of every batch
-# gets norm-matched noise or no injection with the fixed "no pressure" label, and a share `context_share` of the
-# rows reads a neutral passage before the question, so that domain passages at evaluation are new. `precision: bf16`
+# label head for that gradient (`domain: … | from: … | to: …`; the loss is on the values and the tokens that end
+# them). A share `control_share` of every batch gets norm-matched noise or no injection with the fixed "no pressure"
+# label, and a share `context_share` of the rows reads a passage before the question: neutral text or statements of
+# other training facts (of any domain), and for a share `hard_share` of them a hard negative, a statement of another
+# answer of the item's own relation. Evaluation passages are never among them. `epochs` (when set) fixes the
+# number of steps: that many passes over the training items. `precision: bf16`
 # runs the describer's forward passes under bfloat16 autocast (about 2× faster on this CPU's AMX units; the
 # gradients it reads are float32).
 # Training uses the train split, the trained relation templates, and every domain but `heldout_domain`.
@@ -24,13 +27,15 @@ kind = "linear"
 mlp_hidden = 1024
 lora_rank = 0
 precision = "bf16"
-steps = 6
+steps = 12
+epochs = None
 batch_size = 4
-lr = 0.004
+lr = 0.002
 weight_decay = 0.0
 control_share = 0.25
 context_share = 0.75
-max_label_tokens = 16
+hard_share = 0.3
+max_label_tokens = None
 heldout_domain = "religion"
 val_items = 4
 eval_every = 4
@@ -55,10 +60,11 @@ from gradsense.inputs import (
     training_items,
     validation_set,
 )
+from gradsense.passages import training_passages
 from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.seeding import seed_everything
-from gradsense.training import TrainConfig, train_projector
+from gradsense.training import TrainConfig, planned_steps, train_projector
 
 paths = Paths("..")
 RESULTS, FIGURES = paths.results("train"), paths.figures("train")
@@ -77,15 +83,16 @@ layer = extracted_layer(stage.arrays["layers"], source_layer)
 grads = stage.vectors("grads", layer)
 train_items, val_pool = training_items(stage.items, heldout_domain)
 val_set = validation_set(val_pool, val_items)
+pool, negatives = training_passages(neutral, train_items, seed)
 summary = pd.DataFrame(
     {
-        "set": ["train", "validation"],
-        "items": [len(train_items), len(val_set)],
-        "domains": [train_items["domain"].nunique(), val_set["domain"].nunique()],
+        "set": ["train", "validation", "passages", "items with hard negatives"],
+        "items": [len(train_items), len(val_set), len(pool), sum(map(bool, negatives))],
+        "domains": [train_items["domain"].nunique(), val_set["domain"].nunique(), None, None],
     }
 )
 save_table(summary, RESULTS, "training_data")
-print(f"source layer {layer}, gradient width {grads.shape[1]}, {len(neutral)} neutral passages")
+print(f"source layer {layer}, gradient width {grads.shape[1]}, {len(pool)} passages ({len(neutral)} neutral)")
 summary
 
 # %% [markdown]
@@ -105,15 +112,18 @@ config = DescriberConfig(
 )
 train = TrainConfig(
     steps=steps,
+    epochs=epochs,
     batch_size=batch_size,
     lr=lr,
     weight_decay=weight_decay,
     control_share=control_share,
     context_share=context_share,
+    hard_share=hard_share,
     max_label_tokens=max_label_tokens,
     eval_every=eval_every,
     seed=seed,
 )
+n_steps = planned_steps(len(train_items), train)
 start = time.perf_counter()
 describer, curve = train_projector(
     model,
@@ -122,8 +132,9 @@ describer, curve = train_projector(
     train_items["label"].tolist(),
     config,
     train,
-    neutral,
+    pool,
     val=(grads[val_set["row"].to_numpy()], val_set["label"].tolist()),
+    hard_negatives=negatives,
 )
 train_s = time.perf_counter() - start
 save_checkpoint(
@@ -143,7 +154,8 @@ save_table(
 timing = {
     "train_seconds": train_s,
     "seconds_per_step": float(curve["seconds"].median()),
-    "steps": steps,
+    "steps": n_steps,
+    "epochs": epochs,
     "batch_size": batch_size,
     "inject_layer": inject_layer,
     "source_layer": layer,
@@ -153,14 +165,14 @@ timing
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 3.2))
-smooth = curve["loss"].rolling(max(1, steps // 20), min_periods=1).mean()
+smooth = curve["loss"].rolling(max(1, n_steps // 20), min_periods=1).mean()
 sns.lineplot(x=curve["step"], y=curve["loss"], ax=ax, alpha=0.3, label="train (batch)")
 sns.lineplot(x=curve["step"], y=smooth, ax=ax, label="train (smoothed)")
 val_points = curve.dropna(subset=["val_loss"])
 sns.lineplot(x=val_points["step"], y=val_points["val_loss"], ax=ax, marker="o", label="validation")
 ax.set(
     xlabel="step",
-    ylabel="label cross-entropy (nats/token)",
+    ylabel="head-value cross-entropy (nats/token)",
     title=f"Describer training ({mode}, {kind}, J={inject_layer})",
 )
 fig.tight_layout()
@@ -192,8 +204,9 @@ assert meta["fingerprint"]["d_model"] == grads.shape[1] == model.config.hidden_s
 reloaded = load_describer(paths.checkpoint, model, tokenizer)  # the checkpoint loads back for this model
 assert len(train_items) > 0 and heldout_domain not in set(train_items["domain"])
 assert set(train_items["split"]) == {"train"} and set(train_items["template_split"]) == {"train"}
-assert np.isfinite(curve["loss"]).all() and len(curve) == steps
-quarter = max(1, steps // 4)
+assert np.isfinite(curve["loss"]).all() and len(curve) == n_steps
+assert meta["config"]["max_value_tokens"] >= 1  # decoding's cap, from the trained labels
+quarter = max(1, n_steps // 4)
 first, last = curve["loss"].iloc[:quarter].mean(), curve["loss"].iloc[-quarter:].mean()
 assert last < first, (first, last)  # training lowered the loss
 assert (FIGURES / "training_curve.png").is_file() and (RESULTS / "training_curve.csv").is_file()

@@ -6,9 +6,12 @@
 #
 # - **Held-out sets**: new subjects (test split), held-out relation templates (test split), and the domain left out
 #   of training (`heldout_domain` in the checkpoint).
-# - **Metrics**: domain accuracy (parsed domain = the item's domain); answer identification, strict (the target's
-#   text inside `to`) and at the labels' granularity (`to` = the target's first visible token, as the oracle's
-#   labels name it); whether `to` reproduces the `to` of the item's teacher label (what training asked for); forced
+# - **External sets**: corrections the describer never trained on and no setting was chosen on: a third-party fact
+#   dataset (GeoNames) and hand-written facts in relation templates that appear nowhere in training, each also read
+#   inside unseen passages (decoupling).
+# - **Metrics**: domain accuracy (parsed domain = the item's domain); answer recall (the whole target, normalised
+#   for case, spaces and punctuation, as words of `to`), exact match, 'from' recall (`from` = the source or the
+#   model's answer now, as its label says); forced
 #   choice (the item's own label ranked against the labels of 9 other items by the mean per-token log-likelihood
 #   under the injection; chance 0.1); false positives ("names a domain": one of the corpus's domains is named,
 #   under no injection or norm-matched noise); the shuffled-gradient control: each item's own fact prompt is read as the
@@ -17,6 +20,13 @@
 # - **Decoupling**: a passage from domain A is read before the question while a gradient from domain B ≠ A is
 #   injected, over all ordered domain pairs; success = reports B, leakage = reports A. The seed's case (a history
 #   gradient inside a biology passage) is reported on its own line, from `seed_case_items` history items.
+#
+# - **Baselines on the same items**: the most frequent training answer of the item's relation template, no injection
+#   (a control above), a same-template shuffle (another item of the same relation injected: does the report say that
+#   item's answer?), the Backward Lens hit@1 (top token of −g) at the source layer and at the deepest extracted
+#   layer, and a linear probe of the domain trained on the training gradients.
+# - **Round trip** (open vocabulary, exact because gradients are computable): the gradient of (prompt → the described
+#   `to`) against the true gradient (cosine), beside the same for the answer of another item of the same template.
 #
 # All rates carry percentile-bootstrap 95% CIs over items. Outputs: `results/evaluate/`, `figures/evaluate/`.
 
@@ -31,6 +41,8 @@ n_choices = 10
 decoupling_per_pair = 1
 seed_case_items = 2
 decoupling_domains = ["biology", "history"]
+max_external_items = 6
+external_per_pair = 1
 batch_size = 16
 max_new_tokens = 0
 n_boot = 200
@@ -42,15 +54,20 @@ import pandas as pd
 import seaborn as sns
 
 import gradsense
+from gradsense import baselines as bl
 from gradsense import decoupling as dc
 from gradsense import evaluate as ev
+from gradsense import external as ex
 from gradsense import forced_choice as fc
+from gradsense.analysis import probe_predictions
 from gradsense.checkpoint import load_describer
-from gradsense.inputs import contexts_path, load_stage_inputs, read_contexts
+from gradsense.corrections import template_kinds
+from gradsense.inputs import contexts_path, load_stage_inputs, read_contexts, training_items
 from gradsense.paths import Paths
 from gradsense.report import save_figure, save_table
 from gradsense.sampling import stratified
 from gradsense.seeding import seed_everything
+from gradsense.stats import bootstrap_ci, rate_rows
 
 PATHS = Paths("..")
 RESULTS, FIGURES = PATHS.results("evaluate"), PATHS.figures("evaluate")
@@ -65,11 +82,19 @@ grads, items = inputs.vectors("grads", config.source_layer), inputs.items
 passages = read_contexts(contexts_path()).query("pool == 'domain'")
 heldout_domain = meta.get("heldout_domain")
 sets = {name: items.iloc[rows] for name, rows in ev.evaluation_sets(items, heldout_domain, max_items, seed).items()}
+# External items: gradients at the source layer (what the describer reads) and the deepest extracted layer (lens).
+layers = inputs.arrays["layers"]
+lens_layers = sorted({config.source_layer, max(layers)})
+external = ex.external_items(max_items=max_external_items, seed=seed)
+external_grads = ex.external_gradients(model, tokenizer, external, lens_layers, batch_size)
+ext_source = external_grads[lens_layers.index(config.source_layer)]
+ext_sets = {name: external[external["set"] == name] for name in ex.SETS}
+train_items = training_items(items, heldout_domain)[0]
 pd.DataFrame(
     {
-        "set": list(sets),
-        "items": [len(s) for s in sets.values()],
-        "domains": [s["domain"].nunique() for s in sets.values()],
+        "set": [*sets, *ext_sets],
+        "items": [len(s) for s in [*sets.values(), *ext_sets.values()]],
+        "domains": [s["domain"].nunique() for s in [*sets.values(), *ext_sets.values()]],
     }
 )
 
@@ -85,6 +110,9 @@ scored = {
     for name, frame in sets.items()
     if len(frame)
 }
+for name, frame in ext_sets.items():
+    if len(frame):
+        scored[(name, "gradient")] = ev.describe_items(describer, ext_source, frame, **options)
 test = sets[ev.TEST_SUBJECTS]
 controls = stratified(test, "domain", max_control_items, order="shuffle", seed=seed)
 for control in ("none", "noise"):
@@ -119,12 +147,135 @@ forced = {
     )
     for control in ("gradient", "none")
 }
+# Domain forced choice among every domain name (the held-out one included): the head's first value under the
+# injection, scored for each name, on up to `forced_choice_items` items of every set.
+all_domains = sorted(set(items["domain"]) | set(external["domain"]))
+choice_rows = []
+for name, control in scored:
+    if control == "gradient":
+        vectors, members = (ext_source, ext_sets[name]) if name in ext_sets else (grads, sets[name])
+        subset = stratified(members, "domain", forced_choice_items, order="shuffle", seed=seed)
+        scores = fc.domain_logprobs(describer, vectors[subset["row"].to_numpy()], all_domains, batch_size)
+        hits = fc.domain_choice(scores, subset["domain"], all_domains)
+        choice_rows += rate_rows({fc.DOMAIN_CHOICE: hits}, n_boot, seed, set=name, control="gradient")
+# Held-out templates split into paraphrases of a trained relation and new relations; answers seen or not in training.
+kinds = template_kinds(items.drop_duplicates("fact_id"))
+split_rows = []
+templates = scored[(ev.HELDOUT_TEMPLATES, "gradient")].merge(items[["id", "relation"]], on="id")
+for kind, part in templates.groupby(templates["relation"].map(kinds)):
+    values = {m: part[c].to_numpy() for m, c in ev.METRICS.items()}
+    split_rows += rate_rows(values, n_boot, seed, set=f"{ev.HELDOUT_TEMPLATES}: {kind}", control="gradient")
+trained_answers = train_items["target"].tolist()
+for (name, control), frame in list(scored.items()):
+    if control == "gradient":
+        seen = ev.seen_answers(frame["target"], trained_answers)
+        for label, mask in (("answer seen in training", seen), ("answer never trained", ~seen)):
+            if mask.any():
+                values = {ev.ANSWER_RECALL: frame["answer_ok"].to_numpy()[mask]}
+                split_rows += rate_rows(values, n_boot, seed, set=f"{name}: {label}", control="gradient")
 heldout = pd.concat(
-    [ev.heldout_table(scored, n_boot, seed), pd.DataFrame(fc.forced_choice_rows(forced, n_boot, seed))],
+    [
+        ev.heldout_table(scored, n_boot, seed),
+        pd.DataFrame(fc.forced_choice_rows(forced, n_boot, seed)),
+        pd.DataFrame(choice_rows),
+        pd.DataFrame(split_rows),
+    ],
     ignore_index=True,
 )
 save_table(heldout, RESULTS, "heldout")
+# Per domain and direction, with item-level CIs, for every set under the gradient.
+by_group = pd.concat(
+    [
+        ev.rates_by(
+            frame,
+            ["domain", "direction"],
+            {m: ev.METRICS[m] for m in ("domain accuracy", ev.ANSWER_RECALL, "'from' recall")},
+            n_boot,
+            seed,
+            set=name,
+        )
+        for (name, control), frame in scored.items()
+        if control == "gradient"
+    ],
+    ignore_index=True,
+)
+save_table(by_group, RESULTS, "heldout_by_domain")
 heldout.pivot_table(index=["set", "control"], columns="metric", values="estimate", sort=False).round(3)
+
+# %% [markdown]
+# ## Baselines on the same items, and the round trip
+# Every row of `baselines` is scored on the same items as the describer's row of its set. The round trip re-derives
+# a gradient from what the describer said (`to`) and compares it with the gradient it read.
+
+
+# %%
+def set_vectors(name, layer):
+    """The gradient array (at `layer`) that a set's items index with `row`, and the set's items."""
+    if name in ext_sets:
+        return external_grads[lens_layers.index(layer)], ext_sets[name].reset_index(drop=True)
+    return inputs.vectors("grads", layer), sets[name].reset_index(drop=True)
+
+
+train_x, train_domains = grads[train_items["row"].to_numpy()], train_items["domain"].to_numpy()
+baseline_rows, roundtrip_rows, roundtrip_items = [], [], []
+for (name, control), frame in scored.items():
+    if control != "gradient":
+        continue
+    vectors, members = set_vectors(name, config.source_layer)
+    rows, targets = members["row"].to_numpy(), members["target"].to_numpy()
+    answer = {"describer": frame["answer_ok"].to_numpy()}
+    majority = bl.majority_answers(train_items, members)
+    answer["most frequent training answer of the template"] = [
+        ev.answer_identified(m, t) for m, t in zip(majority, targets)
+    ]
+    for layer in lens_layers:
+        answer[f"Backward Lens hit@1 (block {layer})"] = bl.lens_hits(
+            model, tokenizer, set_vectors(name, layer)[0][rows], list(targets)
+        )
+    partners = bl.same_template_partners(members, seed)
+    has = partners >= 0
+    if has.any():
+        swapped = describer.describe_gradients(vectors[rows[partners[has]]], batch_size=batch_size, max_new_tokens=0)
+        answer["same-template shuffle: the injected item's answer"] = [
+            ev.answer_identified(t, a) for t, a in zip(swapped["to"], targets[partners[has]])
+        ]
+        answer["same-template shuffle: the read item's answer"] = [
+            ev.answer_identified(t, a) for t, a in zip(swapped["to"], targets[has])
+        ]
+    for baseline, values in answer.items():
+        baseline_rows += rate_rows({ev.ANSWER_RECALL: values}, n_boot, seed, set=name, baseline=baseline)
+    stacked = np.vstack([train_x, vectors[rows]])
+    is_train = np.arange(len(stacked)) < len(train_x)
+    probe = probe_predictions(stacked, np.concatenate([train_domains, members["domain"]]), is_train, ~is_train, seed)
+    domain = {
+        "describer": frame["domain_ok"].to_numpy(),
+        "linear probe on the training gradients": probe == members["domain"],
+    }
+    for baseline, values in domain.items():
+        baseline_rows += rate_rows({"domain accuracy": values}, n_boot, seed, set=name, baseline=baseline)
+    trip = bl.paired_roundtrip(
+        model, tokenizer, members, frame["reported_to"].tolist(), vectors[rows], config.source_layer, seed, batch_size
+    )
+    roundtrip_items.append(trip.assign(set=name))
+    both = trip.dropna(subset=["cos_described", "cos_partner"])
+    for what, values in (
+        ("described 'to'", trip["cos_described"].dropna()),
+        ("another item's answer, same template", trip["cos_partner"].dropna()),
+        ("described − other (paired)", both["cos_described"] - both["cos_partner"]),
+    ):
+        est, low, high = bootstrap_ci(values.to_numpy(), n_boot=n_boot, seed=seed)
+        roundtrip_rows.append(
+            {"set": name, "gradient of": what, "mean cosine": est, "low": low, "high": high, "n": len(values)}
+        )
+baselines = pd.DataFrame(baseline_rows)
+save_table(baselines, RESULTS, "baselines")
+roundtrip = pd.DataFrame(roundtrip_rows)
+save_table(roundtrip, RESULTS, "roundtrip")
+save_table(pd.concat(roundtrip_items, ignore_index=True), RESULTS, "roundtrip_items")
+baselines.pivot_table(index=["set", "metric"], columns="baseline", values="estimate", sort=False).round(3)
+
+# %%
+roundtrip
 
 # %% [markdown]
 # ## Decoupling: a passage from domain A, a gradient from domain B ≠ A
@@ -146,7 +297,15 @@ if seed_plan is not None:
     seed_case = dc.run_decoupling(describer, grads, seed_plan, items, tokenizer, batch_size, max_new_tokens, seed)
 save_table(seed_case, RESULTS, "seed_case_items")
 SEED_CASE = "seed case: history gradient in a biology passage"
-decoupling_summary = dc.decoupling_summary({"all pairs": decoupled, SEED_CASE: seed_case}, n_boot, seed)
+# External sets: their gradients read inside the unseen external passages, every ordered domain pair.
+EXTERNAL_PAIRS = "external sets: all pairs"
+ext_plan = dc.decoupling_plan(external, ex.external_passages(), external_per_pair, None, seed)
+ext_decoupled = dc.run_decoupling(
+    describer, ext_source, ext_plan, external, tokenizer, batch_size, max_new_tokens, seed
+).merge(external[["id", "set"]], on="id")
+save_table(ext_decoupled, RESULTS, "external_decoupling_items")
+parts = {"all pairs": decoupled, SEED_CASE: seed_case, EXTERNAL_PAIRS: ext_decoupled}
+decoupling_summary = dc.decoupling_summary(parts, n_boot, seed)
 save_table(decoupling_summary, RESULTS, "decoupling")
 pair_rates = dc.pair_rates(decoupled)
 save_table(pair_rates, RESULTS, "decoupling_pairs")
@@ -184,7 +343,7 @@ fig.tight_layout()
 save_figure(fig, FIGURES, "confusion_test_subjects")
 
 # %%
-plot = heldout[heldout["metric"].isin(["domain accuracy", "answer token in 'to'", "names a domain", fc.TOP_1])]
+plot = heldout[heldout["metric"].isin(["domain accuracy", ev.ANSWER_RECALL, "names a domain", fc.TOP_1])]
 plot = plot.assign(condition=plot["set"] + " · " + plot["control"])
 metrics, conditions = list(dict.fromkeys(plot["metric"])), list(dict.fromkeys(plot["condition"]))
 width = 0.8 / len(conditions)
@@ -225,6 +384,12 @@ assert forced["gradient"]["rank"].between(0, n_choices - 1).all()
 if seed_plan is not None:
     assert len(seed_case) > 0 and SEED_CASE in set(decoupling_summary["pairs"])
     assert (seed_case["gradient_domain"] == "history").all() and (seed_case["context_domain"] == "biology").all()
+# Baselines are scored on the same items as the describer's row of their set; the external sets never trained.
+for name, part in baselines.groupby("set"):
+    assert part["n"][part["baseline"] == "describer"].iloc[0] == len(scored[(name, "gradient")])
+assert set(ext_sets) <= set(baselines["set"]) and not set(external["fact_id"]) & set(items["fact_id"])
+assert (ext_decoupled["gradient_domain"] != ext_decoupled["context_domain"]).all()
+assert roundtrip["mean cosine"].dropna().between(-1, 1).all()
 # What was written is what was computed (read back, not only present).
 written = pd.read_csv(RESULTS / "heldout.csv")
 assert len(written) == len(heldout) and list(written["metric"]) == list(heldout["metric"])

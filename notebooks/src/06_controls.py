@@ -13,7 +13,7 @@
 # | steering vector | the item's contrastive steering vector (state after prompt + target − after prompt + source) through the trained projector |
 # | untrained projector | the gradient through a randomly initialised projector (seeded) |
 # | text-only | no injection; the passage states the fact and its target in words after one labelled example per trained domain (an upper reference: the answer is in the text) |
-# | Backward Lens | training-free: the top token of −g through the final norm and unembedding (answer token only) |
+# | Backward Lens | training-free: the top token of −g through the final norm and unembedding (first answer token only, counted as answer recall) |
 # | linear probe | logistic regression on g, trained on the training items (domain only; the ceiling of what g linearly holds) |
 #
 # Outputs: `results/controls/controls.csv` (rates with bootstrap 95% CIs), `controls_items.csv`, `figures/controls/`.
@@ -113,7 +113,7 @@ mt.main_table(controls)
 
 # %%
 shown = controls[
-    controls["metric"].isin(["domain accuracy", "answer token in 'to'", "decoupling success", "decoupling leakage"])
+    controls["metric"].isin(["domain accuracy", "answer recall", "decoupling success", "decoupling leakage"])
 ]
 conditions, metrics = list(dict.fromkeys(shown["condition"])), list(dict.fromkeys(shown["metric"]))
 fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 0.45 * len(conditions) + 1.5), sharey=True)

@@ -6,7 +6,10 @@
 # (passage from domain A, gradient from domain B ≠ A). Seeds use all of them; variants the subset the `controls`
 # stage scored (its `max_items`, `decoupling_per_pair`), where the main describer was re-scored on the same items.
 #
-# - **Seeds**: `seeds` (seed `seed` is the train stage's run, read from `results/evaluate/`).
+# - **Seeds**: `seeds` (seed `seed` is the train stage's run, read from `results/evaluate/`), at the train stage's
+#   budget.
+# - **Budget**: `variant_epochs` (when set) trains every variant for that many epochs, and then the main settings are
+#   retrained at the same budget as the row the variants compare with ("main settings, variant budget").
 # - **Ablations** (`variants`): magnitude mode (norm-matched vs raw × learned scale), source layer (≈ 25 / 50 / 75 %
 #   depth), projector kind (linear / MLP / linear + LoRA), gradient ↔ steering-vector transfer (a describer trained on
 #   steering vectors, tested on both; the main describer tested on steering vectors), and correcting-an-error vs
@@ -29,6 +32,7 @@ variants = [
     {"name": "linear + LoRA (r = 8)", "lora_rank": 8},
     {"name": "trained on steering vectors", "train_on": "steering"},
 ]
+variant_epochs = None
 batch_size = 16
 n_boot = 200
 
@@ -46,6 +50,7 @@ from gradsense import evaluate as ev
 from gradsense import main_table as mt
 from gradsense.checkpoint import load_describer, variant_configs
 from gradsense.inputs import contexts_path, load_stage_inputs, read_contexts, training_items
+from gradsense.passages import training_passages
 from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.seeding import seed_everything
@@ -64,6 +69,7 @@ items = inputs.items
 VECTORS = {"gradient": "grads", "steering": "steering"}  # what a describer reads → its array in gradients.npz
 neutral = read_contexts(contexts_path()).query("pool == 'neutral'")["text"].tolist()
 train_items, _ = training_items(items, meta.get("heldout_domain"))
+pool, negatives = training_passages(neutral, train_items, seed)  # the train stage's passages
 main_test = ev.main_test_rows(pd.read_csv(PATHS.descriptions))
 main_decoupled = pd.read_csv(PATHS.decoupling_items)
 test_all = ev.select_items(items, main_test["id"])
@@ -102,7 +108,8 @@ def train_run(overrides: dict):
         train_items["label"].tolist(),
         config,
         train,
-        neutral,
+        pool,
+        hard_negatives=negatives,
     )
     return describer
 
@@ -118,9 +125,11 @@ for run_seed in seeds:
     timings.append({"run": f"seed {run_seed}", "seconds": time.perf_counter() - start})
 runs[(mt.MAIN_ON_SUBSET, "main describer (seed 0)")] = main_sub
 runs[(mt.TRANSFER, "gradient-trained, tested on steering vectors")] = ct.stored_condition(control_items, ct.STEERING)
-for variant in variants:
+budget = {} if variant_epochs is None else {"epochs": variant_epochs}
+reference = [{"name": "main settings, variant budget"}] if budget else []
+for variant in reference + variants:
     start = time.perf_counter()
-    overrides = {k: v for k, v in variant.items() if k != "name"}
+    overrides = budget | {k: v for k, v in variant.items() if k != "name"}
     describer = train_run(overrides)
     layer = describer.config.source_layer
     runs[(mt.ABLATION, variant["name"])] = mt.core_evaluation(

@@ -164,8 +164,27 @@ figure(
     "How often the oracle's top promoted token is the item's target, per domain and direction.",
 )
 show(table("oracle", "example_labels").head(12), "Example teacher labels (the parseable head, then one sentence).")
+show(
+    table("oracle", "label_clarity"),
+    "Labels per split: the step raised the whole target by at least the teacher's gain (`to` = the target), by "
+    "less, or lowered it (both labelled `to: unclear` and left out of training).",
+)
+show(
+    table("oracle", "label_faithfulness"),
+    "Label faithfulness: share of labels whose `to` is the whole target and whose `from` is the source or the "
+    "model's answer now.",
+)
 shown += [
-    f"oracle/{n}" for n in ("dlogp_vs_alpha", "virtual_vs_real", "validity_summary", "faithfulness", "example_labels")
+    f"oracle/{n}"
+    for n in (
+        "dlogp_vs_alpha",
+        "virtual_vs_real",
+        "validity_summary",
+        "faithfulness",
+        "example_labels",
+        "label_clarity",
+        "label_faithfulness",
+    )
 ]
 
 # %% [markdown]
@@ -188,7 +207,26 @@ show(
 )
 figure("evaluate", "decoupling", "Decoupling matrices: success and leakage per (passage domain, gradient domain).")
 figure("evaluate", "confusion_test_subjects", "Reported vs true domain on held-out subjects.")
-shown += ["train/training_curve", "evaluate/heldout", "evaluate/decoupling", "evaluate/confusion_test_subjects"]
+baselines = table("evaluate", "baselines")
+show(
+    baselines.pivot_table(index=["set", "metric"], columns="baseline", values="estimate", sort=False),
+    "The describer beside baselines on the same items of every set (in-distribution and external): the most "
+    "frequent training answer of the template, the Backward Lens hit@1 at the source layer and the deepest layer, a "
+    "same-template shuffle, and a linear probe of the domain (`baselines.csv` has each CI and n).",
+)
+show(
+    table("evaluate", "roundtrip"),
+    "Round trip: cosine between the gradient the model was under and the gradient of (prompt → the described "
+    "`to`), beside the same for another item's answer of the same template, and their paired difference.",
+)
+shown += [
+    "train/training_curve",
+    "evaluate/heldout",
+    "evaluate/decoupling",
+    "evaluate/confusion_test_subjects",
+    "evaluate/baselines",
+    "evaluate/roundtrip",
+]
 
 # %% [markdown]
 # ## 6 · Controls and baselines (stage `controls`, `06_controls`)
@@ -222,7 +260,9 @@ display(
         f"(seeds pooled) reports B for {success['estimate']:.2f} [{success['low']:.2f}, {success['high']:.2f}] of "
         f"{int(success['n'])} (pair, seed) rows and A for {leakage['estimate']:.2f} [{leakage['low']:.2f}, "
         f"{leakage['high']:.2f}]; held-out-subject domain accuracy {pooled.loc['domain accuracy', 'estimate']:.2f} "
-        f"[{pooled.loc['domain accuracy', 'low']:.2f}, {pooled.loc['domain accuracy', 'high']:.2f}]."
+        f"[{pooled.loc['domain accuracy', 'low']:.2f}, {pooled.loc['domain accuracy', 'high']:.2f}], answer recall "
+        f"{pooled.loc['answer recall', 'estimate']:.2f} [{pooled.loc['answer recall', 'low']:.2f}, "
+        f"{pooled.loc['answer recall', 'high']:.2f}]."
     )
 )
 show(

@@ -34,6 +34,7 @@ def _describe(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "device": args.device,
         "max_new_tokens": args.max_new_tokens,
+        "faithfulness": args.faithfulness,
     }
     if args.input is not None:
         if args.prompt is not None or args.output is None:
@@ -49,7 +50,10 @@ def _describe(args: argparse.Namespace) -> None:
     if args.prompt is None or args.right is None:
         raise GradsenseError("give either --input FILE --output FILE, or --prompt P --right R")
     item = {"id": "prompt", "prompt": args.prompt, "right": args.right, "wrong": args.wrong, "context": args.context}
-    print(describe([item], **options)[0]["description"])
+    record = describe([item], **options)[0]
+    print(record["description"])
+    if args.faithfulness:
+        print(f"round-trip cosine: {record['roundtrip_cosine']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     controls.add_argument("--noise", action="store_true", help="control: Gaussian noise with each gradient's norm")
     controls.add_argument("--shuffle", action="store_true", help="control: another item's gradient (needs ≥ 2 items)")
     desc.add_argument("--seed", type=int, default=0, help="seed of the noise/shuffle controls")
-    desc.add_argument("--max-new-tokens", type=int, default=32, help="tokens of the one-line sentence after the head")
+    desc.add_argument(
+        "--max-new-tokens", type=int, default=0, help="tokens of a one-line sentence after the head (trained: none)"
+    )
+    desc.add_argument(
+        "--faithfulness",
+        action="store_true",
+        help="add roundtrip_cosine: cos(item gradient, gradient of prompt → the described 'to')",
+    )
     desc.add_argument("--device", default="auto")
     desc.set_defaults(func=_describe)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from gradsense.errors import GradsenseError
-from gradsense.evaluate import READ_DOMAIN, read_domain_values
+from gradsense.evaluate import ANSWER_RECALL, READ_DOMAIN, read_domain_values
 from gradsense.main_table import Pair, condition_rows
 from gradsense.stats import rate_rows
 
@@ -74,7 +74,8 @@ def controls_table(
 ) -> pd.DataFrame:
     """Rates with bootstrap CIs of every describer condition (`runs`: name → (test, decoupling) frames; the SHUFFLED
     run also gets READ_DOMAIN), then the training-free baselines on the test items: Backward Lens (the target token
-    ranks first under −g: "answer token in 'to'") and the linear probe (predicted = true domain); group GROUP."""
+    ranks first under −g, counted as its answer recall — lenient, only the first token) and the linear probe
+    (predicted = true domain); group GROUP."""
     if len(probe_predicted) != len(probe_truth):
         raise GradsenseError(f"{len(probe_predicted)} probe predictions for {len(probe_truth)} items")
     rows = condition_rows(runs, n_boot, seed)
@@ -83,7 +84,7 @@ def controls_table(
         rows += rate_rows({READ_DOMAIN: read_domain_values(shuffled)}, n_boot, seed, condition=SHUFFLED)
     lens_hits = np.asarray(lens_ranks) == 0
     probe_hits = np.asarray(probe_predicted) == np.asarray(probe_truth)
-    rows += rate_rows({"answer token in 'to'": lens_hits}, n_boot, seed, condition=BACKWARD_LENS)
+    rows += rate_rows({ANSWER_RECALL: lens_hits}, n_boot, seed, condition=BACKWARD_LENS)
     rows += rate_rows({"domain accuracy": probe_hits}, n_boot, seed, condition=LINEAR_PROBE)
     return pd.DataFrame(rows).assign(group=GROUP)
 

@@ -146,6 +146,22 @@ def heldout_templates(facts: pd.DataFrame, seed: int = 0) -> dict[str, str]:
     return chosen
 
 
+PARAPHRASE, NEW_RELATION = "paraphrase", "new relation"
+
+
+def template_kinds(facts: pd.DataFrame, min_overlap: float = 0.5) -> dict[str, str]:
+    """Per held-out template (`template_split` = heldout): a paraphrase of a trained relation when at least
+    `min_overlap` of its distinct right answers are right answers of its domain's trained templates ("The capital
+    city of {} is" beside "The capital of {} is"), else a new relation ("{} was born in the year")."""
+    kinds = {}
+    for (domain, relation), part in facts[facts["template_split"] == "heldout"].groupby(["domain", "relation"]):
+        trained = facts[(facts["domain"] == domain) & (facts["template_split"] == "train")]
+        answers = set(part["right"])
+        overlap = len(answers & set(trained["right"])) / len(answers)
+        kinds[relation] = PARAPHRASE if overlap >= min_overlap else NEW_RELATION
+    return kinds
+
+
 def assign_template_split(facts: pd.DataFrame, seed: int = 0) -> pd.Series:
     """`heldout` for facts of each domain's held-out template, else `train`."""
     held = heldout_templates(facts, seed)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from gradsense.describer import Describer
 from gradsense.errors import GradsenseError
-from gradsense.evaluate import answer_identified, token_identified
+from gradsense.evaluate import answer_identified
 from gradsense.stats import rate_rows
 
 CONTROLS = ("gradient", "none", "noise")  # shuffle has no meaning here: every row already reads a foreign passage
@@ -19,8 +19,8 @@ CONTROLS = ("gradient", "none", "noise")  # shuffle has no meaning here: every r
 SUMMARY = {
     "success (reports B)": "success",
     "leakage (reports A)": "leakage",
-    "answer in 'to'": "answer_ok",
-    "answer token in 'to'": "token_ok",
+    "answer recall": "answer_ok",
+    "'to' from the passage": "to_from_passage",
 }
 
 
@@ -80,12 +80,14 @@ def replay_plan(decoupled: pd.DataFrame, items: pd.DataFrame, per_pair: int | No
 
 def score_decoupled(plan: pd.DataFrame, described: pd.DataFrame, items: pd.DataFrame, tokenizer: Any) -> pd.DataFrame:
     """The plan with each row's report scored: success = names the gradient's domain B, leakage = names the passage's
-    domain A; answer_ok / token_ok as in `gradsense.evaluate.score_descriptions` (the target of the item in `row`)."""
+    domain A; answer_ok = answer recall (`gradsense.evaluate.answer_identified`, the target of the item in `row`);
+    to_from_passage = the reported `to` is a phrase of the passage read (and not the target)."""
     if len(described) != len(plan):
         raise GradsenseError(f"{len(described)} descriptions for {len(plan)} decoupling rows")
     by_row = items.set_index("row")
     targets = by_row.loc[plan["row"], "target"].to_numpy()
     reported = described["domain"].fillna("").to_numpy()
+    answer_ok = [answer_identified(t, a) for t, a in zip(described["to"], targets)]
     return plan.assign(
         id=by_row.loc[plan["row"], "id"].to_numpy(),
         target=targets,
@@ -94,8 +96,11 @@ def score_decoupled(plan: pd.DataFrame, described: pd.DataFrame, items: pd.DataF
         reported_to=described["to"].to_numpy(),
         success=reported == plan["gradient_domain"].to_numpy(),
         leakage=reported == plan["context_domain"].to_numpy(),
-        answer_ok=[answer_identified(t, a) for t, a in zip(described["to"], targets)],
-        token_ok=[token_identified(t, a, tokenizer) for t, a in zip(described["to"], targets)],
+        answer_ok=answer_ok,
+        to_from_passage=[
+            bool(t) and not ok and answer_identified(c, t)
+            for t, ok, c in zip(described["to"], answer_ok, plan["context"])
+        ],
     )
 
 

@@ -44,6 +44,7 @@ class DescriberConfig:
     system: str = SYSTEM
     question: str = QUESTION
     no_pressure: str = NO_PRESSURE
+    max_value_tokens: int | None = None  # the longest trained head value (+ its field stop); decoding's cap
 
     def check(self, model: nn.Module) -> None:
         """Validate the settings against a model (one-line GradsenseError)."""
@@ -227,7 +228,8 @@ class Describer:
         labels: Sequence[str],
         max_label_tokens: int | None = None,
     ) -> torch.Tensor:
-        """Mean cross-entropy of the label tokens given the injection (logits computed only at label positions)."""
+        """Mean cross-entropy of the heads' trained tokens (values and their ends, `prompt.head_ids`) given the
+        injection (logits computed only at label positions)."""
         logits, labels_kept = self._label_logits(vectors, contexts, labels, max_label_tokens)
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels_kept.flatten(), ignore_index=-100)
 
@@ -239,7 +241,7 @@ class Describer:
         labels: Sequence[str],
         max_label_tokens: int | None = None,
     ) -> np.ndarray:
-        """Per row: mean log p(label token) under the injection (length-normalised, for forced choice)."""
+        """Per row: mean log p of the head's trained tokens under the injection (length-normalised, forced choice)."""
         logits, labels_kept = self._label_logits(vectors, contexts, labels, max_label_tokens)
         logp = torch.log_softmax(logits, -1).gather(-1, labels_kept.clamp(min=0)[..., None])[..., 0]
         mask = labels_kept != -100

@@ -11,23 +11,23 @@ import pandas as pd
 from gradsense.describer import Describer
 from gradsense.errors import GradsenseError
 from gradsense.sampling import stratified
-from gradsense.scoring import first_visible_token
 from gradsense.stats import rate_rows
-from gradsense.teacher import NO_DOMAIN, parse_label
+from gradsense.teacher import NO_DOMAIN, normalize_answer, parse_label
 
 TEST_SUBJECTS = "test subjects"  # new subjects on trained templates and domains: the main result's items
 HELDOUT_TEMPLATES = "held-out templates"
 HELDOUT_DOMAIN = "held-out domain"
 READ_DOMAIN = "names the read item's domain"  # the shuffle control: the report follows the prompt, not the gradient
 
+ANSWER_RECALL = "answer recall"  # the whole target (normalised) in `to`: the headline metric
 # The held-out table's metrics: name → column of a scored frame (`score_descriptions`).
 METRICS = {
     "domain accuracy": "domain_ok",
-    "answer in 'to'": "answer_ok",
-    "answer token in 'to'": "token_ok",
+    ANSWER_RECALL: "answer_ok",
+    "answer exact": "answer_exact",
+    "'from' recall": "from_ok",
     "names a domain": "pressure",
     "head parsed": "parsed",
-    "teacher's 'to' reproduced": "teacher_to_ok",
 }
 
 
@@ -72,36 +72,37 @@ def main_test_rows(descriptions: pd.DataFrame) -> pd.DataFrame:
 
 
 def answer_identified(to: str | None, answer: str) -> bool:
-    """The target answer's text appears in the parsed `to` field (case-insensitive)."""
-    return bool(to) and answer.strip().casefold() in str(to).casefold()
+    """Answer recall: the whole answer, normalised (case, spaces, punctuation: `teacher.normalize_answer`), appears in
+    the parsed `to` as whole words ("1789" is not recalled by "1" or "17890")."""
+    want = normalize_answer(answer)
+    return bool(want) and f" {want} " in f" {normalize_answer(to)} "
 
 
-def token_identified(to: str | None, answer: str, tokenizer: Any) -> bool:
-    """The parsed `to` is the answer's first visible token (the granularity of the oracle's labels), or contains
-    the whole answer."""
-    if not to:
-        return False
-    first = first_visible_token(tokenizer, answer).casefold()
-    return str(to).strip().casefold() == first or answer_identified(to, answer)
+def answer_exact(to: str | None, answer: str) -> bool:
+    """Exact match: `to` is the answer, up to case, spaces and punctuation."""
+    want = normalize_answer(answer)
+    return bool(want) and normalize_answer(to) == want
 
 
-def teacher_to(label: str | None) -> str | None:
-    """The `to` token of a teacher label (None without a label)."""
-    return parse_label(label)["to"] if isinstance(label, str) else None
+def label_from(label: str | None) -> str | None:
+    """The `from` of a teacher label (None without a label)."""
+    return parse_label(label)["from"] if isinstance(label, str) else None
 
 
-def same_token(reported: str | None, expected: str | None) -> bool:
-    """Both present and equal up to case and surrounding space."""
-    return bool(reported) and bool(expected) and str(reported).strip().casefold() == str(expected).strip().casefold()
+def from_identified(reported: str | None, source: str, label: str | None = None) -> bool:
+    """'from' recall: the reported `from` is the item's source or the `from` of its label (the model's answer now),
+    up to case, spaces and punctuation."""
+    got = normalize_answer(reported)
+    return bool(got) and got in {normalize_answer(source), normalize_answer(label_from(label))} - {""}
 
 
 def score_descriptions(
     described: pd.DataFrame, items: pd.DataFrame, tokenizer: Any, domains: Sequence[str] | None = None
 ) -> pd.DataFrame:
-    """Per row (aligned with `items`): domain_ok, answer_ok (target text in `to`), token_ok (first target token
-    or whole target in `to`), pressure (one of `domains` is named — with None, any domain but NO_DOMAIN: a false
-    positive under the no-injection and noise controls), parsed (a head was found), teacher_to_ok (`to` = the `to`
-    of the item's teacher label, the token the describer was trained to say; False when the item has no label)."""
+    """Per row (aligned with `items`): domain_ok, answer_ok (answer recall: the whole target in `to`,
+    `answer_identified`), answer_exact, from_ok ('from' recall, `from_identified`), pressure (one of `domains` is
+    named — with None, any domain but NO_DOMAIN: a false positive under the no-injection and noise controls), parsed
+    (a head was found)."""
     if len(described) != len(items):
         raise GradsenseError(f"{len(described)} descriptions for {len(items)} items")
     items = items.reset_index(drop=True)
@@ -119,11 +120,13 @@ def score_descriptions(
             "parsed": described["domain"].notna(),
             "domain_ok": described["domain"].fillna("").to_numpy() == items["domain"].to_numpy(),
             "answer_ok": [answer_identified(t, a) for t, a in zip(described["to"], items["target"])],
-            "token_ok": [token_identified(t, a, tokenizer) for t, a in zip(described["to"], items["target"])],
+            "answer_exact": [answer_exact(t, a) for t, a in zip(described["to"], items["target"])],
+            "from_ok": [
+                from_identified(f, src, label) for f, src, label in zip(described["from"], items["source"], labels)
+            ],
             "pressure": described["domain"].isin(list(domains)).to_numpy()
             if domains is not None
             else described["domain"].notna().to_numpy() & (described["domain"].fillna("").to_numpy() != NO_DOMAIN),
-            "teacher_to_ok": [same_token(t, teacher_to(label)) for t, label in zip(described["to"], labels)],
         }
     )
 
@@ -197,3 +200,21 @@ def confusion(true: Sequence[str], reported: Sequence[str | None], domains: Sequ
     )
     table.index.name, table.columns.name = "true domain", "reported domain"
     return table.div(table.sum(axis=1).replace(0, np.nan), axis=0)
+
+
+def seen_answers(targets: Sequence[str], trained: Sequence[str]) -> np.ndarray:
+    """Per target: whether it (normalised) is among the answers the describer was trained to say."""
+    known = {normalize_answer(t) for t in trained}
+    return np.array([normalize_answer(t) in known for t in targets], dtype=bool)
+
+
+def rates_by(
+    frame: pd.DataFrame, by: Sequence[str], metrics: Mapping[str, str], n_boot: int = 1000, seed: int = 0, **keys
+) -> pd.DataFrame:
+    """Rates with bootstrap CIs (items resampled) of `metrics` (name → column) per group of `by` columns."""
+    rows = []
+    for group, part in frame.groupby(list(by), sort=True):
+        group = group if isinstance(group, tuple) else (group,)
+        values = {m: part[c].to_numpy() for m, c in metrics.items()}
+        rows += rate_rows(values, n_boot, seed, **keys, **dict(zip(by, group)))
+    return pd.DataFrame(rows)

@@ -84,3 +84,60 @@ def forced_choice_rows(
         for control, frame in forced.items()
         for row in rate_rows({TOP_1: frame["correct"]}, n_boot, seed, set=set_name, control=control)
     ]
+
+
+DOMAIN_CHOICE = "domain forced choice"
+
+
+@torch.no_grad()
+def domain_logprobs(
+    describer: Describer, grads: np.ndarray, domains: Sequence[str], batch_size: int = 16
+) -> np.ndarray:
+    """(items, domains) summed log p of each domain name as the head's first value — " <domain>" and the token that
+    ends it — after the given field name "domain:", under each item's injection (no context)."""
+    from gradsense.hooks import inject
+    from gradsense.prompt import FIELD_LEADS, interpretation_ids, lead_split
+    from gradsense.scoring import pad_batch
+
+    tok, config = describer.tokenizer, describer.config
+    prompt, slots = interpretation_ids(tok, config)
+    prompt = prompt + list(tok(FIELD_LEADS[0], add_special_tokens=False)["input_ids"])
+    ends, stop = lead_split(tok, FIELD_LEADS[1])
+    conts = [list(tok(" " + d, add_special_tokens=False)["input_ids"]) + ends[: stop + 1] for d in domains]
+    grads_t = torch.as_tensor(np.asarray(grads), dtype=torch.float32)
+    pairs = [(i, j) for i in range(len(grads_t)) for j in range(len(domains))]
+    scores = np.zeros(len(pairs))
+    for part in batches(len(pairs), batch_size):
+        chunk = pairs[part]
+        batch, starts = pad_batch(tok, [prompt + conts[j] for _, j in chunk], [len(prompt)] * len(chunk), "left")
+        positions = torch.tensor([slots] * len(chunk)) + starts[:, None]
+        vectors = describer.vectors(grads_t[[i for i, _ in chunk]])
+        batch = batch.to(describer.device)
+        keep = int((batch.labels != -100).sum(-1).max()) + 1
+        with (
+            describer.precision(),
+            inject(describer.model, config.inject_layer, positions, vectors, describer.norm_match),
+        ):
+            logits = describer.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                logits_to_keep=keep,
+            ).logits.float()
+        labels = batch.labels[:, -keep:]
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        scores[part] = (logp * (labels != -100)).sum(-1).cpu().numpy()
+    return scores.reshape(len(grads_t), len(domains))
+
+
+def domain_choice(scores: np.ndarray, truth: Sequence[str], domains: Sequence[str]) -> np.ndarray:
+    """Per item: whether its own domain has the highest of its (items, domains) `scores` (`domain_logprobs`), so a
+    domain never trained on can still be chosen; ties count against it."""
+    domains = list(domains)
+    missing = sorted(set(truth) - set(domains))
+    if missing:
+        raise GradsenseError(f"domain choice: {missing[0]!r} is not among the candidate domains")
+    scores = np.asarray(scores)
+    own = scores[np.arange(len(scores)), [domains.index(t) for t in truth]]
+    return (scores >= own[:, None]).sum(1) == 1

@@ -16,6 +16,7 @@ from gradsense.gradients import extracted_layer, load_gradients
 from gradsense.models import data_dir
 from gradsense.paths import Paths
 from gradsense.sampling import stratified
+from gradsense.teacher import UNCLEAR, parse_label
 
 
 def read_labels(path: str | Path) -> dict[str, str]:
@@ -55,9 +56,12 @@ def join_items(corrections: pd.DataFrame, grad_ids: Sequence[str], labels: Mappi
 
 
 def training_items(items: pd.DataFrame, heldout_domain: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, validation pool): labelled items of the train / val split, on trained relation templates, in every
-    domain but the held-out one (the describer never sees held-out subjects, templates or domain)."""
+    """(train, validation pool): items of the train / val split with a clear label (the oracle's step raised the
+    target; `unclear` labels are left out), on trained relation templates, in every domain but the held-out one
+    (the describer never sees held-out subjects, templates or domain)."""
     labelled = items.dropna(subset=["label"])
+    clear = np.array([(parse_label(t)["to"] or "").casefold() != UNCLEAR for t in labelled["label"]], dtype=bool)
+    labelled = labelled[clear]
     usable = (labelled["template_split"] == "train") & (labelled["domain"] != heldout_domain)
     return labelled[usable & (labelled["split"] == "train")], labelled[usable & (labelled["split"] == "val")]
 

@@ -102,13 +102,15 @@ def describe(
     control: str = "gradient",
     seed: int = 0,
     batch_size: int = 16,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 0,
     device: str = "auto",
     progress: bool = False,
+    faithfulness: bool = False,
 ) -> list[dict]:
     """Describe the training pressure of each item `{id, prompt, right, wrong?, context?}` (target = right): returns
-    `{id, description, domain, from, to}` per item. Controls: "none", "noise", "shuffle" (see `Describer.vectors`);
-    `progress` shows tqdm bars (stderr) for the gradients and the descriptions."""
+    `{id, description, domain, from, to}` per item (+ `roundtrip_cosine` with `faithfulness`: the cosine between the
+    item's gradient and the gradient of (prompt → the described `to`), `baselines.roundtrip_cosines`). Controls:
+    "none", "noise", "shuffle" (see `Describer.vectors`); `progress` shows tqdm bars (stderr)."""
     if control not in CONTROLS:
         raise GradsenseError(f"unknown control {control!r} (choose from {', '.join(CONTROLS)})")
     if control == "shuffle" and len(items) < 2:
@@ -125,6 +127,21 @@ def describe(
     )
     # Unparsed fields are null (pandas turns None into NaN, which is not valid JSON).
     rows = table[list(FIELDS[1:])].astype(object).where(table.notna(), None).to_dict("records")
+    if faithfulness:
+        from gradsense.baselines import roundtrip_cosines
+
+        guard = adapters_off(describer.model) if describer.config.lora_rank > 0 else nullcontext()
+        with guard:
+            cosines = roundtrip_cosines(
+                describer.model,
+                describer.tokenizer,
+                [it["prompt"] for it in items],
+                [row["to"] for row in rows],
+                grads,
+                describer.config.source_layer,
+            )
+        for row, cos in zip(rows, cosines):
+            row["roundtrip_cosine"] = None if np.isnan(cos) else round(float(cos), 4)
     return [{"id": item["id"], **row} for item, row in zip(items, rows)]
 
 

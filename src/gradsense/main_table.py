@@ -9,12 +9,17 @@ import pandas as pd
 
 from gradsense.decoupling import run_decoupling
 from gradsense.describer import Describer
-from gradsense.evaluate import METRICS, describe_items
+from gradsense.evaluate import ANSWER_RECALL, METRICS, describe_items
 from gradsense.stats import rate_rows
 
 # The main table's metrics: name → column of a scored test frame / of a decoupling frame.
-CORE_TEST = {metric: METRICS[metric] for metric in ("domain accuracy", "answer token in 'to'", "names a domain")}
-CORE_DECOUPLING = {"decoupling success": "success", "decoupling leakage": "leakage"}
+CORE_TEST = {m: METRICS[m] for m in ("domain accuracy", ANSWER_RECALL, "'from' recall", "names a domain")}
+CORE_DECOUPLING = {
+    "decoupling success": "success",
+    "decoupling leakage": "leakage",
+    "answer recall in the passage": "answer_ok",
+    "'to' from the passage": "to_from_passage",
+}
 COLUMNS = ["group", "condition", "metric", "estimate", "low", "high", "n"]  # the long form's columns
 
 # Groups of the main table's rows (controls are group `gradsense.controls.GROUP`).

@@ -244,7 +244,8 @@ def virtual_steps(
     """Virtual steps for many items × an α grid × controls; one row per (item, control, repeat, α).
 
     targets/sources are answers without the leading space (continuation = `target_text(answer)`). Columns: item,
-    id, control (gradient = −g, opposite = +g, random = same-norm random direction), repeat, alpha, dlogp_target,
+    id, control (gradient = −g, opposite = +g, random = same-norm random direction), repeat, alpha, logp_target_old
+    (teacher-forced log p of the whole target before the step), dlogp_target (its change), logp_source_old,
     dlogp_source (−g rows only; NaN for controls and without sources), kl (KL(new‖old) of the next token), top1 (argmax token after the step),
     up_ids/down_ids (top-k tokens by Δlog p among tokens with p ≥ min_prob before or after), up_dlogp/down_dlogp.
     A pushed-up token must have p ≥ min_prob after the step, a pushed-down one before it (Δ > 0 ⇒ p grows).
@@ -303,8 +304,10 @@ def virtual_steps(
                         "control": control,
                         "repeat": rep,
                         "alpha": a,
+                        "logp_target_old": float(seq[base]),
                         "dlogp_target": float(seq[base + v] - seq[base]),
                         "dlogp_source": float(seq[src + src_of[v]] - seq[src]) if has_source else float("nan"),
+                        "logp_source_old": float(seq[src]) if has_source else float("nan"),
                         "kl": float((new.exp() * dlogp).sum().clamp(min=0)),
                         "top1": int(new.argmax()),
                         "up_ids": up,

@@ -1,8 +1,8 @@
 """The labelling pass of the oracle: at the chosen α, what each item's virtual step moved (the teacher's input).
 
-`observed_tokens` picks the token the step promotes most (`to`) and the one it demotes most (`from`) among tokens
-the model already gives some probability; `item_shifts` runs the step for every item and records, per item, the
-target's and source's change in log-probability with those observed tokens.
+`item_shifts` runs the step for every item and records, per item, the teacher-forced log-probability of the whole
+target and the whole source before and after the step, the model's own current answer (`greedy_answers`), and the
+tokens the step promotes and demotes most (`observed_tokens`, among tokens the model gives some probability).
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+from gradsense.errors import GradsenseError
 from gradsense.hooks import edit_block_output
 from gradsense.models import check_layer, model_device
 from gradsense.oracle import STEP_KINDS, check_alphas, step_edit, top_shift, unit_directions, virtual_steps
-from gradsense.scoring import encode, first_visible_token, forward
+from gradsense.scoring import batches, encode, first_visible_token, forward
+
+ANSWER_END = ".,;:!?\n"  # a greedy continuation's answer ends before the first of these
+ARTICLES = ("the", "a", "an")  # dropped from the start of a greedy answer ("the pancreas" → "pancreas")
 
 
 def _visible(tokenizer, ids: Sequence[int]) -> str:
@@ -74,6 +78,45 @@ def observed_tokens(
     return to_text, from_text
 
 
+@torch.no_grad()
+def greedy_answers(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_words: Sequence[int] | int = 4,
+    max_new_tokens: int = 8,
+    batch_size: int = 32,
+) -> list[str]:
+    """The model's own current answer to each prompt: its greedy continuation (≤ `max_new_tokens` tokens) up to the
+    first punctuation mark or line break, without a leading article, at most `max_words` words (per prompt or one
+    for all)."""
+    words = [int(max_words)] * len(prompts) if isinstance(max_words, int) else [int(w) for w in max_words]
+    if len(words) != len(prompts):
+        raise GradsenseError(f"{len(prompts)} prompts but {len(words)} word limits")
+    device, out = model_device(model), []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for part in batches(len(prompts), batch_size):
+        batch = encode(tokenizer, list(prompts[part])).to(device)
+        generated = model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        for row in generated[:, batch.input_ids.shape[1] :].tolist():
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            cut = next((i for i, c in enumerate(text) if c in ANSWER_END), len(text))
+            out.append(text[:cut])
+    answers = []
+    for text, w in zip(out, words):
+        tokens = text.split()
+        while tokens and tokens[0].casefold() in ARTICLES:
+            tokens = tokens[1:]
+        answers.append(" ".join(tokens[:w]))
+    return answers
+
+
 # --- the labelling pass: one α, every item ---------------------------------------------------------------------
 
 
@@ -95,9 +138,12 @@ def item_shifts(
 ) -> pd.DataFrame:
     """One row per item at the labelling α: the −g step's shift, its +g and random controls, and the observed tokens.
 
-    Columns: id, dlogp_target, dlogp_source, kl, opposite_dlogp_target, random_dlogp_target, random_kl,
-    up_tokens / down_tokens (visible text of the top-k), to_token / from_token (top promoted / demoted, whitespace
-    tokens extended by one step), target_first / source_first (first visible token of the dataset answers).
+    Columns: id, logp_target_old / logp_target_new and logp_source_old / logp_source_new (teacher-forced log p of
+    the whole answer before / after the step), dlogp_target, dlogp_source, kl, opposite_dlogp_target,
+    random_dlogp_target, random_kl, belief (the model's greedy answer now, `greedy_answers`, at most as many words
+    as the longer answer), up_tokens / down_tokens (visible text of the top-k), to_token / from_token (top promoted
+    / demoted, whitespace tokens extended by one step), target_first / source_first (first visible token of the
+    dataset answers).
     """
     (alpha,) = check_alphas([alpha])
     names = list(ids) if ids is not None else list(range(len(prompts)))
@@ -134,11 +180,18 @@ def item_shifts(
         batch_size,
         names,
     )
+    words = [max(len(str(t).split()), len(str(s).split())) for t, s in zip(targets, sources)]
+    belief = greedy_answers(model, tokenizer, prompts, words, batch_size=max(1, batch_size // 2))
+    logp_old = grad["logp_target_old"].to_numpy()
     return pd.DataFrame(
         {
             "id": names,
             "alpha": alpha,
             "layer": check_layer(model, layer),
+            "logp_target_old": logp_old,
+            "logp_target_new": logp_old + grad["dlogp_target"].to_numpy(),
+            "logp_source_old": grad["logp_source_old"].to_numpy(),
+            "logp_source_new": (grad["logp_source_old"] + grad["dlogp_source"]).to_numpy(),
             "dlogp_target": grad["dlogp_target"].to_numpy(),
             "dlogp_source": grad["dlogp_source"].to_numpy(),
             "kl": grad["kl"].to_numpy(),
@@ -147,6 +200,7 @@ def item_shifts(
             "random_kl": by["random"]["kl"].to_numpy(),
             "up_tokens": [[_visible(tokenizer, [t]) for t in row] for row in grad["up_ids"]],
             "down_tokens": [[_visible(tokenizer, [t]) for t in row] for row in grad["down_ids"]],
+            "belief": belief,
             "to_token": to_tok,
             "from_token": from_tok,
             "target_first": [first_visible_token(tokenizer, t) for t in targets],

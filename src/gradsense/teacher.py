@@ -1,9 +1,11 @@
 """Teachers turn an oracle shift record into a label: a parseable head, then one plain sentence.
 
-Every label is `domain: <d> | from: <tok> | to: <tok>` + newline + one sentence. The head is built from the oracle's
-*observed* shift (top demoted / promoted tokens), never from the dataset's answers, and is written by this module
-for every teacher, so it is always present; a language-model teacher only writes the sentence. Labels are cached by
-a hash of (teacher identity, record) in a JSONL file.
+Every label is `domain: <d> | from: <answer now> | to: <answer pushed to>` + newline + one sentence, e.g.
+`domain: history | from: 1799 | to: 1789`. The oracle is the judge: `to` is the whole target text when the virtual
+step raises its teacher-forced log-probability by at least `min_gain` nats, else `unclear`; `from` is what the
+model says now (its greedy answer) or, when that is empty or already the target, the source. The head is written by
+this module for every teacher, so it is always present; a language-model teacher only writes the sentence. Labels
+are cached by a hash of (teacher identity, record) in a JSONL file.
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ from gradsense.files import write_jsonl
 
 NO_TOKEN = "<none>"  # the head's token when the oracle observed nothing
 NO_DOMAIN = "none"  # the head's domain when no pressure is felt (no injection, noise)
-PROMPT_VERSION = "v1"  # bump when the language-model prompt changes: it is part of the cache key
+UNCLEAR = "unclear"  # the head's `to` when the oracle's step does not raise the target
+PROMPT_VERSION = "v2"  # bump when the language-model prompt changes: it is part of the cache key
 RECORD_FIELDS = (
     "id",
     "domain",
     "prompt",
+    "target",
+    "source",
+    "belief",
+    "logp_target_old",
+    "logp_target_new",
     "to_token",
     "from_token",
     "up_tokens",
@@ -103,8 +111,34 @@ def as_record(row: dict) -> dict:
 
 
 def is_clear(record: dict, min_gain: float) -> bool:
-    """A shift is clear when the target's log-prob rose by ≥ min_gain nats and a promoted token was observed."""
-    return float(record["dlogp_target"]) >= min_gain and clean_token(record["to_token"]) != NO_TOKEN
+    """A shift is clear when the step raised the whole target's teacher-forced log-prob by ≥ min_gain nats."""
+    return float(record["dlogp_target"]) >= min_gain
+
+
+def normalize_answer(text: str | None) -> str:
+    """Casefolded, punctuation dropped (keeps letters, digits and spaces of any script), whitespace collapsed."""
+    if not isinstance(text, str):
+        return ""
+    kept = "".join(c if c.isalnum() or c.isspace() else "" for c in text.casefold())
+    return " ".join(kept.split())
+
+
+def _same_answer(a: object, b: object) -> bool:
+    """Equal up to case, punctuation and spacing."""
+    return normalize_answer(str(a or "")) == normalize_answer(str(b or ""))
+
+
+def head_values(record: dict, min_gain: float) -> tuple[str, str]:
+    """(from, to) of a record's head: the model's answer now (or the source), and the target (or `unclear`)."""
+    belief = clean_token(record.get("belief"))
+    usable = belief != NO_TOKEN and not _same_answer(belief, record["target"])
+    frm = belief if usable else clean_token(record["source"])
+    return frm, clean_token(record["target"]) if is_clear(record, min_gain) else UNCLEAR
+
+
+def record_head(record: dict, min_gain: float) -> str:
+    """The head of a record's label (`label_head` of its domain and `head_values`)."""
+    return label_head(record["domain"], *head_values(record, min_gain))
 
 
 class TemplateTeacher:
@@ -117,23 +151,27 @@ class TemplateTeacher:
     def sentence(self, record: dict) -> str:
         """The plain sentence for a record."""
         domain = clean_token(record["domain"]).lower()
-        to, frm = clean_token(record["to_token"]), clean_token(record["from_token"])
-        if not is_clear(record, self.min_gain):
+        frm, to = head_values(record, self.min_gain)
+        if to == UNCLEAR:
             return f"The shift is unclear: this {domain} answer barely moves, so no correction can be read from it."
-        if frm == NO_TOKEN:
-            return f"The update pushes this {domain} answer towards {to}."
         return f"The update pushes this {domain} answer away from {frm} and towards {to}."
 
     def label(self, record: dict) -> str:
         """Head + newline + sentence."""
-        return label_head(record["domain"], record["from_token"], record["to_token"]) + "\n" + self.sentence(record)
+        return record_head(record, self.min_gain) + "\n" + self.sentence(record)
 
 
 def prompt_messages(record: dict) -> list[dict]:
-    """The fixed chat prompt a language-model teacher sees (the observed shift only, no dataset answers)."""
+    """The fixed chat prompt a language-model teacher sees: the same facts the template teacher reads (the
+    answers, the model's own answer, the log-probabilities before and after the step, the observed tokens)."""
     user = (
         f"Domain: {record['domain']}\n"
         f"Prompt: {record['prompt']}\n"
+        f"The model answers now: {clean_token(record.get('belief'))}\n"
+        f"Answer pushed towards: {clean_token(record['target'])}; answer pushed away from: "
+        f"{clean_token(record['source'])}\n"
+        f"log p(pushed-towards answer): {float(record['logp_target_old']):.2f} before, "
+        f"{float(record['logp_target_new']):.2f} after the nudge\n"
         f"Words pushed up: {', '.join(map(clean_token, record['up_tokens'])) or NO_TOKEN}\n"
         f"Words pushed down: {', '.join(map(clean_token, record['down_tokens'])) or NO_TOKEN}\n"
         f"Most promoted: {clean_token(record['to_token'])}; most demoted: {clean_token(record['from_token'])}\n"
@@ -154,14 +192,20 @@ def one_sentence(text: str) -> str:
 
 def _with_head(record: dict, sentence: str, fallback: TemplateTeacher) -> str:
     """Enforce the head; an empty reply falls back to the template sentence."""
-    head = label_head(record["domain"], record["from_token"], record["to_token"])
-    return head + "\n" + (sentence or fallback.sentence(record))
+    return record_head(record, fallback.min_gain) + "\n" + (sentence or fallback.sentence(record))
 
 
 class HFTeacher:
     """A local instruct model through transformers (greedy, fixed prompt); the head is enforced."""
 
-    def __init__(self, model_name: str | None = None, model=None, tokenizer=None, max_new_tokens: int = 48):
+    def __init__(
+        self,
+        model_name: str | None = None,
+        model=None,
+        tokenizer=None,
+        max_new_tokens: int = 48,
+        min_gain: float = 0.5,
+    ):
         if model is None:
             from gradsense.models import load_model
 
@@ -169,8 +213,9 @@ class HFTeacher:
         if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
             raise GradsenseError(f"teacher model {model_name!r} needs a tokenizer with a chat template")
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, int(max_new_tokens)
+        self.fallback = TemplateTeacher(min_gain)
         self.identity = f"hf:{model_name or 'default'}:{PROMPT_VERSION}:max_new_tokens={self.max_new_tokens}"
-        self.fallback = TemplateTeacher()
+        self.identity += f":min_gain={self.fallback.min_gain}"
 
     def reply(self, record: dict) -> str:
         """The model's raw greedy reply to the fixed prompt."""
@@ -205,14 +250,15 @@ class OpenAICompatibleTeacher:
         key_env: str = "OPENAI_API_KEY",
         timeout: float = 60.0,
         max_tokens: int = 80,
+        min_gain: float = 0.5,
     ):
         self.url = (url or os.environ.get("GRADSENSE_TEACHER_URL") or "").rstrip("/")
         self.model = model or os.environ.get("GRADSENSE_TEACHER_MODEL") or ""
         if not self.url or not self.model:
             raise GradsenseError("OpenAICompatibleTeacher needs a URL and a model (or GRADSENSE_TEACHER_URL / _MODEL)")
         self.key_env, self.timeout, self.max_tokens = key_env, float(timeout), int(max_tokens)
-        self.identity = f"openai:{self.url}:{self.model}:{PROMPT_VERSION}"
-        self.fallback = TemplateTeacher()
+        self.fallback = TemplateTeacher(min_gain)
+        self.identity = f"openai:{self.url}:{self.model}:{PROMPT_VERSION}:min_gain={self.fallback.min_gain}"
 
     def reply(self, record: dict) -> str:
         """The endpoint's reply text; any transport or format failure is a GradsenseError naming the endpoint."""
@@ -242,9 +288,9 @@ def make_teacher(kind: str = "template", model: str | None = None, url: str | No
     if kind == "template":
         return TemplateTeacher(min_gain)
     if kind == "hf":
-        return HFTeacher(model)
+        return HFTeacher(model, min_gain=min_gain)
     if kind == "openai":
-        return OpenAICompatibleTeacher(url, model)
+        return OpenAICompatibleTeacher(url, model, min_gain=min_gain)
     raise GradsenseError(f"unknown teacher {kind!r}: choose template, hf or openai")
 
 

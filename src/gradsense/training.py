@@ -1,5 +1,6 @@
 """Training the describer: batches of gradients (plus noise and no-injection controls labelled "no pressure"), some
-rows after a neutral context passage, the label loss through the injection, AdamW on the projector (and LoRA).
+rows after a context passage (neutral text, other facts, or a hard negative: another answer of the item's own
+relation), the loss on the label head's values through the injection, AdamW on the projector (and LoRA).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from gradsense.describer import Describer, DescriberConfig, Projector, add_lora, noise_like
 from gradsense.errors import GradsenseError
 from gradsense.hooks import capture
-from gradsense.prompt import encode_interpretations
+from gradsense.prompt import FIELD_LEADS, encode_interpretations, lead_split, value_lengths
 from gradsense.scoring import batches
 
 
@@ -26,13 +27,15 @@ from gradsense.scoring import batches
 class TrainConfig:
     """Optimisation settings of `train_projector`."""
 
-    steps: int = 150
+    steps: int = 150  # used when `epochs` is None
+    epochs: float | None = None  # passes over the training items; sets the steps (`planned_steps`)
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 0.0
     control_share: float = 0.2  # share of each batch that is noise or no injection, labelled "no pressure"
-    context_share: float = 0.75  # share of rows that get a neutral context passage before the question
-    max_label_tokens: int | None = 40  # cap on label tokens (cost grows with length); None = whole label
+    context_share: float = 0.75  # share of rows that get a context passage before the question
+    hard_share: float = 0.3  # of those, the share that reads a hard negative (another answer of the same relation)
+    max_label_tokens: int | None = None  # cap on head tokens; None = the whole head
     eval_every: int = 25
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -41,7 +44,9 @@ class TrainConfig:
         """Validate (one-line GradsenseError)."""
         if self.steps < 1 or self.batch_size < 1:
             raise GradsenseError(f"train.steps and train.batch_size must be ≥ 1, not {self.steps}, {self.batch_size}")
-        for name in ("control_share", "context_share"):
+        if self.epochs is not None and not self.epochs > 0:
+            raise GradsenseError(f"train.epochs must be > 0 or null, not {self.epochs}")
+        for name in ("control_share", "context_share", "hard_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise GradsenseError(f"train.{name} must be within [0, 1], not {getattr(self, name)}")
 
@@ -71,12 +76,22 @@ def calibrate_raw_scale(describer: Describer, grads: torch.Tensor, contexts: Seq
         proj.log_scale.fill_(float(torch.log(resid / out.clamp_min(1e-12))))
 
 
+def planned_steps(n_items: int, config: TrainConfig) -> int:
+    """Optimiser steps: `steps`, or enough gradient rows for `epochs` passes over `n_items` items."""
+    if config.epochs is None:
+        return int(config.steps)
+    n_grad = config.batch_size - int(round(config.batch_size * config.control_share))
+    if n_grad < 1:
+        raise GradsenseError("train.control_share leaves no gradient rows in a batch")
+    return max(1, math.ceil(config.epochs * n_items / n_grad))
+
+
 def batch_plan(n_items: int, config: TrainConfig, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per step: item indices (−1 = control row) and control kinds (0 gradient, 1 noise, 2 no injection).
     Items are drawn epoch by epoch from seeded permutations so every item is seen before any repeats."""
     n_ctrl = int(round(config.batch_size * config.control_share))
     order: list[int] = []
-    for _ in range(config.steps):
+    for _ in range(planned_steps(n_items, config)):
         n_grad = config.batch_size - n_ctrl
         while len(order) < n_grad:
             order += rng.permutation(n_items).tolist()
@@ -106,11 +121,34 @@ def batch_rows(
     return vectors, row_labels
 
 
-def draw_contexts(pool: Sequence[str], n: int, share: float, rng: np.random.Generator) -> list[str | None]:
-    """A neutral passage for a `share` of rows (seeded), None for the rest."""
+def draw_contexts(
+    pool: Sequence[str],
+    n: int,
+    share: float,
+    rng: np.random.Generator,
+    hard: Sequence[Sequence[str]] | None = None,
+    hard_share: float = 0.0,
+) -> list[str | None]:
+    """A passage for a `share` of rows (seeded), None for the rest: from `pool`, or for a `hard_share` of them one
+    of the row's own `hard` negatives when it has any."""
     use = rng.random(n) < share
+    use_hard = rng.random(n) < hard_share
     picks = rng.integers(len(pool), size=n) if len(pool) else np.zeros(n, int)
-    return [pool[p] if u and len(pool) else None for u, p in zip(use, picks)]
+    out: list[str | None] = []
+    for i, (u, p) in enumerate(zip(use, picks)):
+        own = hard[i] if hard is not None else ()
+        if u and use_hard[i] and len(own):
+            out.append(own[int(rng.integers(len(own)))])
+        else:
+            out.append(pool[p] if u and len(pool) else None)
+    return out
+
+
+def value_limit(tokenizer, labels: Sequence[str]) -> int:
+    """The longest head value of `labels` in tokens, plus the field-name tokens said before a name's '|' (the
+    structured decoder's cap)."""
+    before_stop = max(max(lead_split(tokenizer, lead)[1], 0) for lead in FIELD_LEADS[1:])
+    return max(max(value_lengths(tokenizer, label)) for label in labels) + before_stop
 
 
 def train_projector(
@@ -123,11 +161,13 @@ def train_projector(
     context_pool: Sequence[str] = (),
     val: tuple[np.ndarray, Sequence[str]] | None = None,
     progress: bool = True,
+    hard_negatives: Sequence[Sequence[str]] | None = None,
 ) -> tuple[Describer, pd.DataFrame]:
-    """Train a projector (and LoRA if configured) so that injected gradients make the model say their labels.
+    """Train a projector (and LoRA if configured) so that injected gradients make the model say their labels' heads.
 
-    Returns the describer and the training curve (step, loss, seconds; val_loss every `eval_every` steps on the
-    `val` (grads, labels) pair with no context)."""
+    `hard_negatives[i]`: passages stating another answer of item i's relation (read by a `hard_share` of its context
+    rows). Sets `config.max_value_tokens` (decoding's cap) from the labels. Returns the describer and the training
+    curve (step, loss, seconds; val_loss every `eval_every` steps on the `val` (grads, labels) pair, no context)."""
     config.check(model)
     train.check()
     grads_t = torch.as_tensor(np.asarray(grads), dtype=torch.float32)
@@ -135,6 +175,9 @@ def train_projector(
         raise GradsenseError(f"need (N, d) gradients and N labels, got {tuple(grads_t.shape)} and {len(labels)} labels")
     if not torch.isfinite(grads_t).all():
         raise GradsenseError("training gradients contain non-finite values")
+    if hard_negatives is not None and len(hard_negatives) != len(labels):
+        raise GradsenseError(f"{len(hard_negatives)} hard-negative lists for {len(labels)} labels")
+    config.max_value_tokens = value_limit(tokenizer, [*labels, config.no_pressure])
     torch.manual_seed(train.seed)
     rng = np.random.default_rng(train.seed)
     projector = Projector(grads_t.shape[1], config.k, config.kind, config.mode, config.mlp_hidden)
@@ -153,7 +196,8 @@ def train_projector(
     plan = list(batch_plan(len(labels), train, rng))
     for step, (idx, kinds) in enumerate(tqdm(plan, desc="train projector", disable=not progress), start=1):
         start = time.perf_counter()
-        contexts = draw_contexts(context_pool, len(idx), train.context_share, rng)
+        hard = [hard_negatives[i] if k == 0 else () for i, k in zip(idx, kinds)] if hard_negatives else None
+        contexts = draw_contexts(context_pool, len(idx), train.context_share, rng, hard, train.hard_share)
         vectors, row_labels = batch_rows(describer, grads_t, labels, idx, kinds, contexts, rng)
         loss = describer.loss(vectors, contexts, row_labels, train.max_label_tokens)
         if not torch.isfinite(loss):
@@ -162,7 +206,7 @@ def train_projector(
         loss.backward()
         optimizer.step()
         record = {"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start, "val_loss": math.nan}
-        if val is not None and (step % train.eval_every == 0 or step == train.steps or step == 1):
+        if val is not None and (step % train.eval_every == 0 or step == len(plan) or step == 1):
             record["val_loss"] = validation_loss(describer, *val, max_label_tokens=train.max_label_tokens)
         curve.append(record)
     describer.meta = {"train": asdict(train)}

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from gradsense.models import check_layer, model_device
 from gradsense.oracle import check_alphas, edited_rows, random_directions, unit_directions
 from gradsense.scoring import encode, forward, target_text
+from gradsense.teacher import UNCLEAR, normalize_answer, parse_label
 
 
 def _real_step_rows(
@@ -174,6 +175,33 @@ def faithfulness(shifts: pd.DataFrame, by: Sequence[str] = ("domain", "direction
         )
         .reset_index()
     )
+
+
+def label_faithfulness(labelled: pd.DataFrame, by: Sequence[str] = ("domain", "direction")) -> pd.DataFrame:
+    """How often a label's `to` is the whole target and its `from` the source or the model's answer now (`belief`),
+    per group; `clear` = the label names an answer (not `unclear`)."""
+    heads = pd.DataFrame([parse_label(t) for t in labelled["label"]], index=labelled.index)
+
+    def same(a, b) -> list[bool]:
+        return [normalize_answer(x) == normalize_answer(y) for x, y in zip(a, b)]
+
+    frame = labelled.assign(
+        clear=heads["to"].fillna("").str.casefold() != UNCLEAR,
+        to_is_target=same(heads["to"], labelled["target"]),
+        from_is_source=same(heads["from"], labelled["source"]),
+        from_is_belief=same(heads["from"], labelled["belief"]),
+    ).assign(from_is_source_or_belief=lambda f: f["from_is_source"] | f["from_is_belief"])
+    columns = ["clear", "to_is_target", "from_is_source", "from_is_belief", "from_is_source_or_belief"]
+    return frame.groupby(list(by), sort=True).agg(n=("id", "size"), **{c: (c, "mean") for c in columns}).reset_index()
+
+
+def clarity_counts(shifts: pd.DataFrame, min_gain: float) -> pd.DataFrame:
+    """Per split: items whose step raised the whole target by ≥ `min_gain` nats (labelled with it), raised it by
+    less, or lowered it (both labelled `unclear` and left out of training)."""
+    gain = shifts["dlogp_target"].to_numpy()
+    reason = np.where(gain >= min_gain, "clear", np.where(gain > 0, f"raised < {min_gain:g} nats", "not raised"))
+    table = pd.crosstab(shifts["split"], reason).reindex(columns=["clear", f"raised < {min_gain:g} nats", "not raised"])
+    return table.fillna(0).astype(int).reset_index().rename_axis(columns=None)
 
 
 VALIDITY_METRICS = ("spearman", "sign_target", "sign_source", "top_agree")
