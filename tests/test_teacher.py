@@ -108,6 +108,8 @@ def test_language_model_teachers_see_the_facts_the_template_teacher_reads():
         ("", (None, None, None)),
         ("domain: geography | from: , | to: .", ("geography", ",", ".")),
         ("domain: geography | from: Paris | to: New York\nThe capital moves.", ("geography", "Paris", "New York")),
+        ("domain: history | from: Lee | to: Ulysses S. Grant", ("history", "Lee", "Ulysses S. Grant")),  # an initial
+        ("domain: music | from: a | to: J. K. Rowling. Then more.", ("music", "a", "J. K. Rowling")),
     ],
 )
 def test_parse_label_is_robust(text, expected):

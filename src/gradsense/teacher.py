@@ -76,7 +76,7 @@ _HEAD = re.compile(
     r"(?:\|[ \t]*to[ \t]*:[ \t]*(?P<to>[^\n]*))?$",
     re.IGNORECASE | re.MULTILINE,
 )
-_SENTENCE_END = re.compile(r"\s{2,}|\.\s+(?=[A-Z])|\s[-—–]\s")
+_SENTENCE_END = re.compile(r"\s{2,}|(?<![\s.][A-Z])(?<!^[A-Z])\.\s+(?=[A-Z])|\s[-—–]\s")  # not after an initial
 
 
 def parse_label(text: str) -> dict:
