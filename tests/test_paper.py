@@ -32,3 +32,41 @@ def test_best_gradient_probe_ignores_other_features():
     assert paper.best_gradient_probe(probe)["layer"] == 22
     with pytest.raises(GradsenseError, match="gradient features"):
         paper.best_gradient_probe(probe.iloc[1:2])
+
+
+def test_headline_table_puts_the_describer_beside_its_baselines():
+    from gradsense.paper import HEADLINE_COLUMNS, headline_table
+
+    ci = {"low": 0.1, "high": 0.9, "n": 10}
+    heldout = pd.DataFrame(
+        [
+            {"set": "test subjects", "control": "gradient", "metric": "answer recall", "estimate": 0.6, **ci},
+            {"set": "test subjects", "control": "none", "metric": "answer recall", "estimate": 0.0, **ci},
+            {"set": "test subjects", "control": "noise", "metric": "answer recall", "estimate": 0.0, **ci},
+            {
+                "set": "test subjects: answer never trained",
+                "control": "gradient",
+                "metric": "answer recall",
+                "estimate": 0.2,
+                **ci,
+            },
+            {"set": "test subjects", "control": "gradient", "metric": "head parsed", "estimate": 1.0, **ci},
+        ]
+    )
+    baselines = pd.DataFrame(
+        [
+            {"set": "test subjects", "baseline": "describer", "metric": "answer recall", "estimate": 0.6, **ci},
+            {"set": "test subjects", "baseline": "Backward Lens", "metric": "answer recall", "estimate": 0.3, **ci},
+        ]
+    )
+    decoupling = pd.DataFrame([{"pairs": "all pairs", "metric": "success (reports B)", "estimate": 0.9, **ci}])
+    roundtrip = pd.DataFrame([{"set": "test subjects", "gradient of": "described 'to'", "mean cosine": 0.5, **ci}])
+    table = headline_table(heldout, decoupling, baselines, roundtrip)
+    assert list(table.columns) == HEADLINE_COLUMNS
+    reading = table[table["part"] == "reading"]
+    assert reading["who"].tolist() == ["describer", "no injection", "Backward Lens"]  # noise and splits left out
+    assert reading["estimate"].tolist() == [0.6, 0.0, 0.3]
+    assert table.set_index("part").loc["round trip", "metric"] == "cosine with: described 'to'"
+    assert table.set_index("part").loc["decoupling", "set"] == "all pairs"
+    with pytest.raises(GradsenseError, match="roundtrip table is empty"):
+        headline_table(heldout, decoupling, baselines, roundtrip.iloc[:0])

@@ -20,6 +20,7 @@ from IPython.display import Image, Markdown, display
 from gradsense import paper
 from gradsense.main_table import main_result
 from gradsense.paths import Paths
+from gradsense.report import save_table
 
 PATHS = Paths("..")
 
@@ -219,6 +220,14 @@ show(
     "Round trip: cosine between the gradient the model was under and the gradient of (prompt → the described "
     "`to`), beside the same for another item's answer of the same template, and their paired difference.",
 )
+headline = paper.headline_table(heldout, decoupling, baselines, table("evaluate", "roundtrip"))
+save_table(headline, PATHS.results("paper"), "headline")
+show(
+    headline.pivot_table(index=["part", "set", "metric"], columns="who", values="estimate", sort=False),
+    "**Headline** (`paper/headline.csv`, `.tex`, with every CI and n): per evaluation set — in distribution and "
+    "external — the describer's domain, answer and 'from' recall beside no injection and the baselines on the same "
+    "items; decoupling (all pairs, the seed's case, the external sets in unseen passages); the round-trip cosine.",
+)
 shown += [
     "train/training_curve",
     "evaluate/heldout",
@@ -290,6 +299,7 @@ shown += ["ablations/main_table", "ablations/seeds", "ablations/seed_spread"]
 # ## Checks
 
 # %%
+assert pd.read_csv(PATHS.results("paper") / "headline.csv").shape == headline.shape
 for name in shown:
     stage, item = name.split("/")
     assert (PATHS.figures(stage) / f"{item}.png").is_file() or (PATHS.results(stage) / f"{item}.csv").is_file(), name

@@ -32,3 +32,34 @@ def best_gradient_probe(probe: pd.DataFrame) -> pd.Series:
     if rows.empty:
         raise GradsenseError("the domain probe table has no rows on gradient features")
     return rows.sort_values("accuracy").iloc[-1]
+
+
+HEADLINE_COLUMNS = ["part", "set", "metric", "who", "estimate", "low", "high", "n"]
+
+
+def headline_table(
+    heldout: pd.DataFrame, decoupling: pd.DataFrame, baselines: pd.DataFrame, roundtrip: pd.DataFrame
+) -> pd.DataFrame:
+    """The evaluate stage's headline in one long table: per evaluation set, the describer's domain accuracy, answer
+    recall and 'from' recall beside no injection and every baseline on the same items; the decoupling rates (all
+    pairs, the seed's case, the external sets); the round-trip cosines. Columns HEADLINE_COLUMNS."""
+    need = {"heldout": heldout, "decoupling": decoupling, "baselines": baselines, "roundtrip": roundtrip}
+    for name, frame in need.items():
+        if frame.empty:
+            raise GradsenseError(f"the evaluate stage's {name} table is empty")
+    reads = ["domain accuracy", "answer recall", "'from' recall"]
+    main = heldout[heldout["metric"].isin(reads) & heldout["control"].isin(["gradient", "none"])]
+    main = main[~main["set"].str.contains(": ")]  # the sets themselves, not their splits
+    parts = [
+        main.assign(part="reading", who=main["control"].map({"gradient": "describer", "none": "no injection"})),
+        baselines[baselines["baseline"] != "describer"].assign(part="reading", who=lambda f: f["baseline"]),
+        decoupling.assign(part="decoupling", set=decoupling["pairs"], who="describer"),
+        roundtrip.rename(columns={"mean cosine": "estimate"}).assign(
+            part="round trip", metric=lambda f: "cosine with: " + f["gradient of"], who="describer"
+        ),
+    ]
+    table = pd.concat([p[HEADLINE_COLUMNS] for p in parts], ignore_index=True)
+    order = {"describer": 0, "no injection": 1}
+    return table.sort_values(
+        ["part", "set", "metric", "who"], key=lambda c: c.map(order).fillna(2) if c.name == "who" else c, kind="stable"
+    ).reset_index(drop=True)

@@ -195,12 +195,14 @@ def label_faithfulness(labelled: pd.DataFrame, by: Sequence[str] = ("domain", "d
     return frame.groupby(list(by), sort=True).agg(n=("id", "size"), **{c: (c, "mean") for c in columns}).reset_index()
 
 
-def clarity_counts(shifts: pd.DataFrame, min_gain: float) -> pd.DataFrame:
-    """Per split: items whose step raised the whole target by ≥ `min_gain` nats (labelled with it), raised it by
-    less, or lowered it (both labelled `unclear` and left out of training)."""
-    gain = shifts["dlogp_target"].to_numpy()
-    reason = np.where(gain >= min_gain, "clear", np.where(gain > 0, f"raised < {min_gain:g} nats", "not raised"))
-    table = pd.crosstab(shifts["split"], reason).reindex(columns=["clear", f"raised < {min_gain:g} nats", "not raised"])
+def clarity_counts(labelled: pd.DataFrame, min_gain: float) -> pd.DataFrame:
+    """Per split: items labelled with their target (the step raised it by ≥ `min_gain` nats), and items labelled
+    `unclear` (left out of training) because the step raised it by less or lowered it."""
+    clear = np.array([(parse_label(t)["to"] or "").casefold() != UNCLEAR for t in labelled["label"]], dtype=bool)
+    gain = labelled["dlogp_target"].to_numpy()
+    less = f"raised < {min_gain:g} nats"
+    reason = np.where(clear, "clear", np.where(gain > 0, less, "not raised"))
+    table = pd.crosstab(labelled["split"], reason).reindex(columns=["clear", less, "not raised"])
     return table.fillna(0).astype(int).reset_index().rename_axis(columns=None)
 
 
