@@ -4,7 +4,8 @@ Usage: python scripts/select_source_layer.py EPOCHS LR LAYER [LAYER ...]
 Needs the pipeline's corrections, gradients and oracle outputs under results/. For each layer, trains the train
 stage's describer (params.yaml settings: linear projector, injection at block 15, bfloat16) and prints its domain
 accuracy, answer recall and 'from' recall on up to 160 validation-split items (trained templates and domains); the
-test split is never read. Run for the full paper (2 CPU threads, 3 epochs, lr 0.002): block 15 domain 0.863 /
+test split is never read. Run for the full paper (both layers at once, one CPU thread each; 3 epochs, lr 0.002;
+the α-step labels of `oracle`): block 15 domain 0.863 /
 answer 0.494; block 22 domain 0.825 / answer 0.656, hence `train.source_layer: 22`.
 """
 
