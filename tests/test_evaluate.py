@@ -251,6 +251,12 @@ def test_score_decoupled_success_and_leakage(tiny):
     assert scored["id"].tolist() == ["biology-0", "biology-0", "history-0"]
     with pytest.raises(GradsenseError, match="decoupling rows"):
         dc.score_decoupled(plan, described.head(2), table, tok)
+    # A passage domain the describer was never trained to name cannot leak: NaN, left out of the leakage rate.
+    nameable = dc.score_decoupled(plan, described, table, tok, nameable=["biology", "history"])
+    assert nameable["leakage"].isna().tolist() == [True, False, True] and nameable["leakage"].iloc[1] == 1
+    summary = dc.decoupling_summary({"all": nameable}, n_boot=20).set_index("metric")
+    assert summary.loc["leakage (reports A)", ["n", "excluded"]].tolist() == [1, 2]
+    assert summary.loc["success (reports B)", ["n", "excluded"]].tolist() == [3, 0]
 
 
 def test_run_decoupling_tells_a_gradient_reader_from_a_passage_reader(tiny):

@@ -48,7 +48,8 @@ def estimates(rows) -> dict:
 def test_rate_rows_carry_keys_n_and_a_ci_around_the_estimate():
     rows = rate_rows({"a": [1, 0, 0, 1], "b": [True, True]}, n_boot=50, group="g")
     assert [(r["metric"], r["estimate"], r["n"], r["group"]) for r in rows] == [("a", 0.5, 4, "g"), ("b", 1.0, 2, "g")]
-    assert rows[0]["low"] < 0.5 < rows[0]["high"] and rows[1]["low"] == rows[1]["high"] == 1.0
+    assert rows[0]["low"] < 0.5 < rows[0]["high"]
+    assert rows[1]["high"] == 1.0 and rows[1]["low"] < 0.5 and rows[1]["ci"].startswith("Wilson")  # 2 of 2 is no proof
 
 
 def test_core_rates_use_test_and_decoupling_parts():
@@ -100,7 +101,8 @@ def test_main_table_long_and_wide():
     assert list(wide.columns) == ["group", "condition", *mt.CORE_TEST, *mt.CORE_DECOUPLING]
     lens = wide.set_index("condition").loc[ct.BACKWARD_LENS]
     assert lens["domain accuracy"] == "n/a" and lens["answer recall"].startswith("0.50 [")
-    assert wide.set_index("condition").loc[mt.pooled_condition(1), "domain accuracy"] == "1.00 [1.00, 1.00]"
+    cell = wide.set_index("condition").loc[mt.pooled_condition(1), "domain accuracy"]
+    assert cell.startswith("1.00 [") and cell.endswith(", 1.00]") and cell != "1.00 [1.00, 1.00]"  # Wilson at 1
     assert mt.main_result(long).loc["decoupling success", "estimate"] == 1.0
 
 
@@ -143,6 +145,7 @@ def test_text_only_passages_state_the_fact_after_labelled_examples():
 def test_controls_table_rates_and_order():
     shuffled = pd.DataFrame(
         {
+            "id": ["i0", "i1"],
             "domain_ok": [True, False],
             "answer_ok": [False, False],
             "from_ok": [False, False],
@@ -159,6 +162,13 @@ def test_controls_table_rates_and_order():
     assert got[(ct.SHUFFLED, "names the read item's domain")] == 1.0  # only the pair whose domains differ
     assert got[(ct.BACKWARD_LENS, "answer recall")] == 0.5 and got[(ct.LINEAR_PROBE, "domain accuracy")] == 2 / 3
     assert set(table["group"]) == {ct.GROUP}
+    # every condition but the trained describer is a paired difference against it on the same items
+    paired = table.dropna(subset=["difference"]).set_index(["condition", "metric"])
+    assert paired.loc[(ct.SHUFFLED, "domain accuracy"), "difference"] == pytest.approx(-0.5)
+    assert set(paired["vs"]) == {ct.TRAINED} and ct.TRAINED not in paired.index.get_level_values(0)
+    with_ids = ct.controls_table(runs, [0, 2], ["a", "b"], ["a", "a"], 20, 0, ["i0", "i1"], ["i0", "i1"])
+    lens = with_ids.set_index(["condition", "metric"]).loc[(ct.BACKWARD_LENS, "answer recall")]
+    assert lens["difference"] == pytest.approx(0.5) and lens["n_paired"] == 2  # the describer named no answer
     with pytest.raises(GradsenseError, match="probe predictions"):
         ct.controls_table(runs, [0], ["a"], ["a", "b"])
 
@@ -170,3 +180,47 @@ def test_stored_condition_reads_back_a_condition_by_name():
     assert test["domain_ok"].tolist() == [True, False] and pairs["success"].tolist() == [True]
     with pytest.raises(GradsenseError, match="no condition"):
         ct.stored_condition(per_item, ct.NOISE)
+
+
+def test_paired_rates_compare_the_same_items_and_pairs():
+    run = (scored([True, True, False, False]), decoupled([True, False, True]))
+    ref = (scored([True, False, False, False]).iloc[::-1], decoupled([True, True, True]))  # any row order
+    ref[1]["context"] = ["p1", "p1", "p2"]
+    rows = pd.DataFrame(mt.paired_rates(run, ref, n_boot=50, condition="x")).set_index("metric")
+    assert rows.loc["domain accuracy", "difference"] == pytest.approx(0.25)  # i1 right only in the run
+    assert rows.loc["decoupling success", "difference"] == pytest.approx(-1 / 3)
+    assert rows.loc["domain accuracy", "n_paired"] == 4 and rows.loc["decoupling success", "n_paired"] == 3
+    lo, hi = rows.loc["domain accuracy", ["diff_low", "diff_high"]]
+    assert lo <= 0.25 <= hi
+    # only items both scored are paired; a part the reference lacks gives no rows
+    partial = pd.DataFrame(mt.paired_rates((scored([True, True]), None), ref, n_boot=20)).set_index("metric")
+    assert (
+        partial.loc["domain accuracy", "difference"] == pytest.approx(0.5) and "decoupling success" not in partial.index
+    )
+    table = mt.paired_rows({("g", "x"): run}, {("g", "x"): "ref"}, {"ref": ref}, n_boot=20)
+    long = mt.with_paired(pd.DataFrame(mt.core_rates(*run, n_boot=20, group="g", condition="x")), table)
+    assert long.set_index("metric").loc["domain accuracy", "vs"] == "ref"
+    wide = mt.paired_table(long.reindex(columns=mt.COLUMNS))
+    assert wide.loc[0, "domain accuracy"].startswith("+0.25 [")
+
+
+def test_pooled_seeds_cluster_an_items_rows_and_report_the_seed_spread():
+    rng = np.random.default_rng(0)
+    hits = rng.random(40) < 0.5
+    one = scored(list(hits))
+    runs = {f"seed {k}": (one, decoupled([True, False] * 5)) for k in range(3)}  # the same item rows 3 times
+    seeds = mt.seeds_table(runs, n_boot=200)
+    pooled = seeds[seeds["condition"] == mt.pooled_condition(3)].set_index("metric")
+    single = seeds[seeds["condition"] == "seed 0"].set_index("metric")
+    row = pooled.loc["domain accuracy"]
+    assert row["n"] == 120 and row["n_clusters"] == 40 and row["ci"] == "percentile cluster bootstrap"
+    # three copies of the same rows carry no more information than one: the interval is about as wide
+    width = row["high"] - row["low"]
+    assert width == pytest.approx(
+        single.loc["domain accuracy", "high"] - single.loc["domain accuracy", "low"], abs=0.05
+    )
+    assert (
+        row["seed_mean"] == pytest.approx(hits.mean())
+        and row["seed_sd"] == pytest.approx(0, abs=1e-9)
+        and row["seeds"] == 3
+    )

@@ -70,3 +70,31 @@ def test_headline_table_puts_the_describer_beside_its_baselines():
     assert table.set_index("part").loc["decoupling", "set"] == "all pairs"
     with pytest.raises(GradsenseError, match="roundtrip table is empty"):
         headline_table(heldout, decoupling, baselines, roundtrip.iloc[:0])
+    # rows without a CI method were resampled row by row: each row is its own unit
+    assert set(table["ci"]) == {"percentile bootstrap over rows"} and (table["n_clusters"] == table["n"]).all()
+
+
+def test_methods_table_names_split_unit_seeds_and_method_of_every_number():
+    from gradsense.paper import METHODS_COLUMNS, methods_table, split_of
+
+    row = {"estimate": 0.5, "low": 0.4, "high": 0.6, "n": 30, "n_clusters": 10, "ci": "percentile cluster bootstrap"}
+    headline = pd.DataFrame(
+        [
+            {"part": "reading", "set": "held-out templates", "metric": "answer recall", "who": "describer", **row},
+            {"part": "decoupling", "set": "all pairs", "metric": "success (reports B)", "who": "describer", **row},
+        ]
+    )
+    long = pd.DataFrame(
+        [
+            {"group": "main result", "condition": "pooled", "metric": "answer recall", "seeds": 3, **row},
+            {"group": "controls", "condition": "noise", "metric": "decoupling leakage", "seeds": None, **row},
+        ]
+    )
+    folds = pd.DataFrame([{"fold": "music", "metric": "answer recall", **row}])
+    table = methods_table(headline, long, folds)
+    assert list(table.columns) == METHODS_COLUMNS and len(table) == 5
+    assert table["unit"].tolist() == ["items", "passages", "items", "passages", "items"]
+    assert table["seeds"].tolist() == [1, 1, 3, 1, 1]
+    assert table.loc[0, "split"] == split_of("held-out templates") and "test split" in table.loc[0, "split"]
+    with pytest.raises(GradsenseError, match="no split is known"):
+        split_of("somewhere else")

@@ -3,8 +3,8 @@
 # What does a gradient *mean*? The oracle answers by looking ahead: replace the output h of block ℓ at the last
 # prompt position by h − α·(g/‖g‖)·‖h‖ (a *virtual step* along −g) and watch the next-token distribution move.
 # Controls in the same run: the opposite direction (+g) and random directions of the same norm.
-# 1. **α sweep** on training items; the labelling α is the smallest α in the grid at which the median training item
-#    gains ≥ `min_median_gain` nats on its target (a rule, never tuned per item).
+# 1. **α sweep** on validation items; the labelling α is the smallest α in the grid at which the median validation
+#    item gains ≥ `min_median_gain` nats on its target (a rule, never tuned per item; the test split is not read).
 # 2. **Labelling pass** at that α: the teacher-forced log p of the whole target and source before and after the step,
 #    KL, the tokens pushed up and down, and the model's own answer now (its greedy continuation); a teacher turns
 #    each record into a label `domain: <d> | from: <answer now> | to: <whole target>` + one sentence, e.g.
@@ -106,12 +106,12 @@ def run_steps(frame, grid, **kw):
 
 
 # %% [markdown]
-# ## α sweep on training items (gradient, +g, random) and the labelling α
+# ## α sweep on validation items (gradient, +g, random) and the labelling α
 
 # %%
 # Even draws over the groups: ⌈n / groups⌉ seeded rows per group, then a seeded n of those.
 even = dict(order="shuffle_groups", fill="even", seed=seed)
-sweep_frame = stratified(items[items["split"] == "train"], ["direction", "domain"], sweep_items, **even)
+sweep_frame = oracle.sweep_items(items, sweep_items, seed)  # validation rows only, the same even draws
 sweep = run_steps(sweep_frame, [0.0] + list(alphas))
 sweep = sweep.merge(sweep_frame[["id", "domain", "direction"]], on="id")
 chosen = oracle.choose_alpha(sweep, min_median_gain)
@@ -256,7 +256,7 @@ for ax in fig.axes.flat:  # symlog: α = 0 sits at the origin, the grid is rough
     ax.set_xscale("symlog", linthresh=min(alphas))
     ax.set_xticks([0.0] + list(alphas), [f"{a:g}" for a in [0.0] + list(alphas)])
     ax.axvline(alpha, color="black", ls=":", lw=1)
-fig.figure.suptitle(f"Virtual step at block {layer}: median and IQR over {len(sweep_frame)} training items", y=1.04)
+fig.figure.suptitle(f"Virtual step at block {layer}: median and IQR over {len(sweep_frame)} validation items", y=1.04)
 save_figure(fig.figure, FIGURES, "dlogp_vs_alpha")
 
 # %%

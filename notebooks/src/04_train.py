@@ -159,6 +159,7 @@ timing = {
     "batch_size": batch_size,
     "inject_layer": inject_layer,
     "source_layer": layer,
+    **describer.meta.get("selection", {}),  # selected_step, selected_val_loss: the step chosen on validation
 }
 save_json(timing, RESULTS / "timing.json")
 timing

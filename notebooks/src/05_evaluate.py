@@ -28,7 +28,9 @@
 # - **Round trip** (open vocabulary, exact because gradients are computable): the gradient of (prompt → the described
 #   `to`) against the true gradient (cosine), beside the same for the answer of another item of the same template.
 #
-# All rates carry percentile-bootstrap 95% CIs over items. Outputs: `results/evaluate/`, `figures/evaluate/`.
+# Rates carry 95% CIs from `gradsense.stats.rate_interval`: a percentile bootstrap over items (decoupling rows
+# clustered by passage), a Wilson interval for a 0/1 rate within 0.05 of 0 or 1. Leakage counts only passages of a
+# domain the describer was trained to name. Outputs: `results/evaluate/`, `figures/evaluate/`.
 
 # %% tags=["parameters"]
 seed = 0
@@ -127,7 +129,15 @@ save_table(descriptions, RESULTS, "descriptions")
 
 # %% [markdown]
 # ## Forced choice among 10 labels
-# Distractors are labels of other items (any split); the no-injection row shows what the label prior alone picks.
+# Two versions on the same test items, each with and without injection (the no-injection row shows what the label
+# prior alone picks):
+# - **Across domains** (`forced choice top-1`): distractors are labels of 9 other items of any template and split,
+#   so mostly of other domains; chance 1/`n_choices` = 0.1.
+# - **Same template** (`forced choice top-1, same template`): distractors are labels of other items (any split) of
+#   the item's own relation template, so domain and relation are shared and only the answers (`from`, `to`) tell
+#   them apart. Sets hold `n_same` = min(`n_choices`, 1 + the most distinct other labels a chosen item's template
+#   offers) labels; items whose template offers fewer are left out (counts printed below); chance 1/`n_same`
+#   (0.1 when every template has ≥ 9 other labels, as in the full run).
 
 # %%
 chosen = stratified(test.dropna(subset=["label"]), "domain", forced_choice_items, order="shuffle", seed=seed)
@@ -147,6 +157,27 @@ forced = {
     )
     for control in ("gradient", "none")
 }
+# Same template: distractors are other items' labels of the item's own relation template (answer-level choice).
+labelled = items.dropna(subset=["label"])
+same_args = (labelled["label"].tolist(), labelled["relation"].tolist())
+available = fc.template_distractor_counts(chosen["label"].tolist(), chosen["relation"].tolist(), *same_args)
+n_same = int(min(n_choices, max(2, 1 + available.max(initial=0))))
+same = chosen[available >= n_same - 1]
+same_sets = fc.template_choice_sets(same["label"].tolist(), same["relation"].tolist(), *same_args, n_same, seed)
+forced_same = {
+    control: fc.forced_choice(
+        describer,
+        grads[same["row"].to_numpy()],
+        control=control,
+        seed=seed,
+        batch_size=batch_size,
+        max_label_tokens=max_label_tokens,
+        sets=same_sets,
+    )
+    for control in ("gradient", "none")
+    if len(same)
+}
+print(f"same-template forced choice: {len(same)} of {len(chosen)} items, {n_same} choices each (chance 1/{n_same})")
 # Domain forced choice among every domain name (the held-out one included): the head's first value under the
 # injection, scored for each name, on up to `forced_choice_items` items of every set.
 all_domains = sorted(set(items["domain"]) | set(external["domain"]))
@@ -177,6 +208,7 @@ heldout = pd.concat(
     [
         ev.heldout_table(scored, n_boot, seed),
         pd.DataFrame(fc.forced_choice_rows(forced, n_boot, seed)),
+        pd.DataFrame(fc.forced_choice_rows(forced_same, n_boot, seed, metric=fc.TOP_1_TEMPLATE)),
         pd.DataFrame(choice_rows),
         pd.DataFrame(split_rows),
     ],
@@ -381,6 +413,10 @@ assert (decoupled["gradient_domain"] != decoupled["context_domain"]).all() and l
 assert decoupled[["success", "leakage"]].sum(axis=1).max() <= 1  # a report cannot name both A and B
 assert all(np.isnan(success.loc[d, d]) for d in success.index if d in success.columns)  # no A = B pairs
 assert forced["gradient"]["rank"].between(0, n_choices - 1).all()
+assert all(frame["rank"].between(0, n_same - 1).all() and len(frame) == len(same) for frame in forced_same.values())
+assert (heldout["metric"] == fc.TOP_1_TEMPLATE).sum() == len(forced_same)  # one row per control when any item fits
+same_pools = labelled.groupby("relation")["label"].agg(set)
+assert all(set(s[1:]) <= same_pools[r] and s[0] not in s[1:] for s, r in zip(same_sets, same["relation"]))
 if seed_plan is not None:
     assert len(seed_case) > 0 and SEED_CASE in set(decoupling_summary["pairs"])
     assert (seed_case["gradient_domain"] == "history").all() and (seed_case["context_domain"] == "biology").all()

@@ -14,8 +14,16 @@
 #   depth), projector kind (linear / MLP / linear + LoRA), gradient ↔ steering-vector transfer (a describer trained on
 #   steering vectors, tested on both; the main describer tested on steering vectors), and correcting-an-error vs
 #   pushing-a-counterfactual items (the main describer's rates split by direction).
-# - **The main table**: the main result (seeds pooled), every control of stage `controls` and every ablation, with
-#   bootstrap 95% CIs, as CSV and LaTeX.
+# - **Selection on validation**: every variant is also scored on `selection_items` validation items (trained
+#   templates and domains, never test); the variant a researcher would pick is the best there (`selection.csv`).
+# - **Held-out-domain rotation**: one describer per domain of `heldout_folds`, each trained without that domain, at the
+#   variants' budget, beside the run that holds out the train stage's `heldout_domain` at the same budget; each is
+#   scored on up to `fold_items` items of its own held-out domain (answer recall, domain forced choice among every
+#   domain name, the round trip), and the held-out-domain number is the mean over the folds.
+# - **The main table**: the main result (seeds pooled: CIs resample items, each seed's estimate as its own spread),
+#   every control of stage `controls` and every ablation, each beside its paired difference against the main
+#   describer (controls) or the main settings at the variants' budget (ablations) on the same items, as CSV and
+#   LaTeX.
 #
 # Outputs: `results/ablations/` (main_table, seeds, ablations, per-item descriptions, run timings), `figures/ablations/`.
 
@@ -33,6 +41,9 @@ variants = [
     {"name": "trained on steering vectors", "train_on": "steering"},
 ]
 variant_epochs = None
+selection_items = 3
+heldout_folds = ["history"]
+fold_items = 3
 batch_size = 16
 n_boot = 200
 
@@ -47,12 +58,15 @@ import gradsense
 from gradsense import controls as ct
 from gradsense import decoupling as dc
 from gradsense import evaluate as ev
+from gradsense import folds as fd
 from gradsense import main_table as mt
+from gradsense import selection as sl
 from gradsense.checkpoint import load_describer, variant_configs
-from gradsense.inputs import contexts_path, load_stage_inputs, read_contexts, training_items
+from gradsense.inputs import contexts_path, load_stage_inputs, read_contexts, training_items, validation_set
 from gradsense.passages import training_passages
 from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
+from gradsense.sampling import stratified
 from gradsense.seeding import seed_everything
 from gradsense.training import train_projector
 
@@ -68,7 +82,9 @@ inputs = load_stage_inputs(PATHS)
 items = inputs.items
 VECTORS = {"gradient": "grads", "steering": "steering"}  # what a describer reads → its array in gradients.npz
 neutral = read_contexts(contexts_path()).query("pool == 'neutral'")["text"].tolist()
-train_items, _ = training_items(items, meta.get("heldout_domain"))
+heldout_domain = meta.get("heldout_domain")
+train_items, val_pool = training_items(items, heldout_domain)
+val_items = stratified(val_pool, "domain", selection_items, order="shuffle", seed=seed)  # the selection's items
 pool, negatives = training_passages(neutral, train_items, seed)  # the train stage's passages
 main_test = ev.main_test_rows(pd.read_csv(PATHS.descriptions))
 main_decoupled = pd.read_csv(PATHS.decoupling_items)
@@ -81,7 +97,8 @@ main_sub = ct.stored_condition(control_items, ct.TRAINED)
 test_sub = ev.select_items(items, main_sub[0]["id"])
 plan_sub = dc.replay_plan(main_sub[1], items, None)
 print(
-    f"seeds: {len(test_all)} test items, {len(plan_all)} pairs; variants: {len(test_sub)} items, {len(plan_sub)} pairs"
+    f"seeds: {len(test_all)} test items, {len(plan_all)} pairs; variants: {len(test_sub)} items, {len(plan_sub)} pairs;"
+    f" selection: {len(val_items)} validation items"
 )
 
 # %% [markdown]
@@ -94,27 +111,35 @@ options = {"seed": seed, "batch_size": batch_size, "max_new_tokens": 0}  # the h
 domains = {"domains": sorted(items["domain"].unique())}  # naming one of these = feeling a pressure
 
 
-def train_run(overrides: dict):
-    """Train one describer from the main checkpoint's settings with `overrides` (+ `train_on`); returns it."""
+def train_run(overrides: dict, fold: str | None = None):
+    """Train one describer from the main checkpoint's settings with `overrides` (+ `train_on`), on the training
+    items and passages of the train stage, or — for a held-out `fold` — of every domain but that one; returns it."""
     overrides = dict(overrides)
     train_on = overrides.pop("train_on", "gradient")
     config, train = variant_configs(meta, overrides)
     run_model = model if config.lora_rank == 0 else gradsense.load_model(model_name, device=device)[0]
     source = inputs.vectors(VECTORS[train_on], config.source_layer)
+    rows, (passages, hard) = train_items, (pool, negatives)
+    if fold is not None:
+        rows, _ = training_items(items, fold)
+        passages, hard = training_passages(neutral, rows, seed)
+    # the validation items that pick the step are those of the train stage (of the trained domains)
+    val_rows = validation_set(val_pool[val_pool["domain"] != fold], meta.get("train", {}).get("val_items", 32))
     describer, _ = train_projector(
         run_model,
         tokenizer,
-        source[train_items["row"].to_numpy()],
-        train_items["label"].tolist(),
+        source[rows["row"].to_numpy()],
+        rows["label"].tolist(),
         config,
         train,
-        pool,
-        hard_negatives=negatives,
+        passages,
+        hard_negatives=hard,
+        val=(source[val_rows["row"].to_numpy()], val_rows["label"].tolist()),
     )
     return describer
 
 
-runs, timings = {}, []
+runs, timings, selection = {}, [], {}
 for run_seed in seeds:
     start = time.perf_counter()
     describer = train_run({"seed": run_seed})
@@ -126,7 +151,8 @@ for run_seed in seeds:
 runs[(mt.MAIN_ON_SUBSET, "main describer (seed 0)")] = main_sub
 runs[(mt.TRANSFER, "gradient-trained, tested on steering vectors")] = ct.stored_condition(control_items, ct.STEERING)
 budget = {} if variant_epochs is None else {"epochs": variant_epochs}
-reference = [{"name": "main settings, variant budget"}] if budget else []
+REFERENCE = "main settings, variant budget"
+reference = [{"name": REFERENCE}] if budget else []
 for variant in reference + variants:
     start = time.perf_counter()
     overrides = budget | {k: v for k, v in variant.items() if k != "name"}
@@ -135,11 +161,22 @@ for variant in reference + variants:
     runs[(mt.ABLATION, variant["name"])] = mt.core_evaluation(
         describer, inputs.vectors("grads", layer), items, test_sub, plan_sub, **options, **domains
     )
+    grads_val = inputs.vectors(VECTORS[overrides.get("train_on", "gradient")], layer)
+    selection[variant["name"]] = ev.describe_items(describer, grads_val, val_items, **options, **domains)
+    if variant["name"] == REFERENCE:
+        budget_describer = describer  # the held-out-domain fold of `heldout_domain` at the variants' budget
     if overrides.get("train_on") == "steering":
         runs[(mt.TRANSFER, "steering-trained, tested on steering vectors")] = mt.core_evaluation(
             describer, inputs.vectors("steering", layer), items, test_sub, plan_sub, **options, **domains
         )
     timings.append({"run": variant["name"], "seconds": time.perf_counter() - start})
+if not budget:
+    budget_describer = main  # no separate budget: the train stage's describer is the fold of `heldout_domain`
+fold_runs = {heldout_domain: budget_describer}
+for fold in heldout_folds:
+    start = time.perf_counter()
+    fold_runs[fold] = train_run(budget, fold=fold)
+    timings.append({"run": f"held-out domain fold: {fold}", "seconds": time.perf_counter() - start})
 save_json({"runs": timings}, RESULTS / "timing.json")  # timings stay out of the tables (reproducible)
 per_item = mt.per_item_table(runs, ["group", "condition"])
 save_table(per_item, RESULTS, "ablation_items")
@@ -167,7 +204,52 @@ pooled_test, pooled_decoupled = mt.pool(list(seed_runs.values()))
 ablation_rows = mt.run_rows({key: pair for key, pair in runs.items() if key[0] != mt.SEED}, n_boot, seed)
 ablation_rows += mt.direction_rows(pooled_test, pooled_decoupled, items, n_boot, seed)
 ablations = pd.DataFrame(ablation_rows)
+# Paired differences on the same items: each ablation against the main settings at its budget, transfer rows and
+# that reference against the main describer.
+reference_pairs = {"main describer (seed 0)": main_sub} | (
+    {REFERENCE: runs[(mt.ABLATION, REFERENCE)]} if budget else {}
+)
+against = {
+    key: (REFERENCE if budget and key[0] == mt.ABLATION and key[1] != REFERENCE else "main describer (seed 0)")
+    for key in runs
+    if key[0] in (mt.ABLATION, mt.TRANSFER)
+}
+ablations = mt.with_paired(ablations, mt.paired_rows(runs, against, reference_pairs, n_boot, seed))
 save_table(ablations, RESULTS, "ablations")
+
+# %% [markdown]
+# ## Selection on validation items
+# The variant a researcher would keep is chosen on validation items only (trained templates and domains, the
+# `val` split): the highest answer recall, then domain accuracy. Its test row above is its one score on test.
+
+# %%
+selection_table = sl.selection_table(selection, items, n_boot, seed)
+chosen_variant = sl.choose(selection_table)
+save_table(selection_table, RESULTS, "selection")
+save_json({"chosen": chosen_variant, "split": "val", "n_items": len(val_items)}, RESULTS / "selection.json")
+print(f"chosen on validation: {chosen_variant}")
+selection_table
+
+# %% [markdown]
+# ## Held-out-domain rotation
+# One describer per held-out domain (`heldout_domain` and every `heldout_folds` domain), each trained at the variants'
+# budget without its domain and scored on that domain's items; the mean over folds weighs each fold the same, its CI
+# resamples items within each fold.
+
+# %%
+all_domains = sorted(items["domain"].unique())
+fold_frames = {}
+for fold, describer in fold_runs.items():
+    members = fd.fold_items(items, fold, fold_items, seed)
+    fold_frames[fold] = fd.score_fold(
+        describer, inputs.vectors("grads", describer.config.source_layer), members, all_domains, seed, batch_size
+    )
+fold_table = fd.fold_table(fold_frames, n_boot, seed)
+save_table(fold_table, RESULTS, "heldout_folds")
+save_table(
+    pd.concat([f.assign(fold=k) for k, f in fold_frames.items()], ignore_index=True), RESULTS, "heldout_fold_items"
+)
+fold_table.pivot_table(index="fold", columns="metric", values="estimate").round(3)
 
 # %% [markdown]
 # ## The main table
@@ -180,6 +262,8 @@ long = mt.main_table_long(seeds_table, controls, ablations)
 save_table(long, RESULTS, "main_table_long")
 table = mt.main_table(long)
 save_table(table, RESULTS, "main_table")
+paired_table = mt.paired_table(long)
+save_table(paired_table, RESULTS, "main_table_paired")
 table
 
 # %%
@@ -214,6 +298,13 @@ assert len(seed_runs) == len(seeds) + 1 and {mt.SEED, mt.ABLATION, mt.TRANSFER} 
 pooled_success = mt.main_result(long).loc[["decoupling success"]]
 assert len(pooled_success) == 1 and pooled_success["n"].iloc[0] == len(pooled_decoupled)
 assert all(len(s) == len(test_sub) for (g, _), (s, _) in runs.items() if g != mt.SEED)
+# every ablation and transfer row carries a paired difference; leakage leaves out passages no describer can name
+compared = long[long["group"].isin([ct.GROUP, mt.ABLATION, mt.TRANSFER]) & (long["condition"] != ct.TRAINED)]
+assert compared.groupby(["group", "condition"])["difference"].apply(lambda d: d.notna().any()).all()
+leak = mt.main_result(long).loc["decoupling leakage"]
+assert leak["n"] + leak["excluded"] == len(pooled_decoupled)
+assert set(selection_table["split"]) == {"val"} and chosen_variant in selection
+assert len(fold_frames) == len(heldout_folds) + 1 and set(fold_table["fold"]) == {*fold_frames, fd.MEAN}
 # The written main table has one row per (group, condition) of the long form, "n/a" where a metric cannot exist.
 written = pd.read_csv(RESULTS / "main_table.csv", keep_default_na=False)
 assert len(written) == len(set(zip(long["group"], long["condition"]))) and len(written) == len(table)

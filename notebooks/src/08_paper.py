@@ -267,16 +267,18 @@ display(
     Markdown(
         f"**Main result.** Reading a passage from domain A while a gradient from domain B ≠ A is injected, the describer "
         f"(seeds pooled) reports B for {success['estimate']:.2f} [{success['low']:.2f}, {success['high']:.2f}] of "
-        f"{int(success['n'])} (pair, seed) rows and A for {leakage['estimate']:.2f} [{leakage['low']:.2f}, "
-        f"{leakage['high']:.2f}]; held-out-subject domain accuracy {pooled.loc['domain accuracy', 'estimate']:.2f} "
+        f"{int(success['n'])} (pair, seed) rows over {int(success['n_clusters'])} passages and A for "
+        f"{leakage['estimate']:.3f} [{leakage['low']:.3f}, {leakage['high']:.3f}] (of the {int(leakage['n'])} rows "
+        f"whose passage domain the describer can name; {int(leakage['excluded'])} left out); held-out-subject domain accuracy {pooled.loc['domain accuracy', 'estimate']:.2f} "
         f"[{pooled.loc['domain accuracy', 'low']:.2f}, {pooled.loc['domain accuracy', 'high']:.2f}], answer recall "
         f"{pooled.loc['answer recall', 'estimate']:.2f} [{pooled.loc['answer recall', 'low']:.2f}, "
-        f"{pooled.loc['answer recall', 'high']:.2f}]."
+        f"{pooled.loc['answer recall', 'high']:.2f}] (CIs resample items over seeds; over seeds "
+        f"{pooled.loc['answer recall', 'seed_mean']:.2f} ± {pooled.loc['answer recall', 'seed_sd']:.2f})."
     )
 )
 show(
     main,
-    "**Main table** (`ablations/main_table.csv`, `.tex`): estimate [95% bootstrap CI] per condition. Groups: "
+    "**Main table** (`ablations/main_table.csv`, `.tex`): estimate [95% CI] per condition (methods below). Groups: "
     "the main result (seeds pooled), the controls, the main describer re-scored on the ablation subset, the "
     "ablations (each one setting changed), gradient ↔ steering transfer, and correcting vs counterfactual items; "
     "n/a = the condition cannot give that metric.",
@@ -293,13 +295,58 @@ show(
     "The main result per seed and pooled (`seeds.csv` has the CIs).",
 )
 show(table("ablations", "seed_spread"), "Spread of each rate over seeds (mean, standard deviation, min, max).")
-shown += ["ablations/main_table", "ablations/seeds", "ablations/seed_spread"]
+show(
+    pd.read_csv(PATHS.results("ablations") / "main_table_paired.csv", keep_default_na=False),
+    "**Paired differences** (`ablations/main_table_paired.csv`): each control against the trained describer, each "
+    "ablation against the main settings at the variants' budget (`vs`), on the same items and passages: mean "
+    "difference [95% CI, items (test) or passages (decoupling) resampled].",
+)
+chosen = record("ablations", "selection")
+show(
+    table("ablations", "selection").pivot_table(index="candidate", columns="metric", values="estimate", sort=False),
+    f"**Selection on validation** ({chosen['n_items']} validation items, never test): every variant's rates; the "
+    f"one kept is **{chosen['chosen']}**, and its test row in the main table is its only score on test.",
+)
+folds = table("ablations", "heldout_folds")
+mean_fold = folds[folds["fold"] == "mean over folds"].set_index("metric")
+display(
+    Markdown(
+        f"**Held-out domain, rotated over {int(folds['n_folds'].iloc[0])} folds** "
+        f"({', '.join(f for f in dict.fromkeys(folds['fold']) if f != 'mean over folds')}; each describer trained "
+        f"without its domain, at the variants' budget): answer recall "
+        f"{mean_fold.loc['answer recall', 'estimate']:.2f} [{mean_fold.loc['answer recall', 'low']:.2f}, "
+        f"{mean_fold.loc['answer recall', 'high']:.2f}], domain forced choice "
+        f"{mean_fold.loc['domain forced choice', 'estimate']:.2f} [{mean_fold.loc['domain forced choice', 'low']:.2f}, "
+        f"{mean_fold.loc['domain forced choice', 'high']:.2f}] (mean over folds; items resampled within folds)."
+    )
+)
+show(
+    folds.pivot_table(index="fold", columns="metric", values="estimate", sort=False),
+    "Held-out-domain rotation per fold and the mean over folds (`ablations/heldout_folds.csv` has the CIs).",
+)
+methods = paper.methods_table(headline, long, folds)
+save_table(methods, PATHS.results("paper"), "methods")
+show(
+    methods,
+    "**Methods** (`paper/methods.csv`, `.tex`): for every number above, its split, n rows, the resampled unit "
+    "and how many, seeds, and the CI method (a 0/1 rate within 0.05 of 0 or 1 gets a Wilson interval with the "
+    "units as n; pooled seeds resample items, each seed's estimate is also given as its own spread).",
+)
+shown += [
+    "ablations/main_table",
+    "ablations/seeds",
+    "ablations/seed_spread",
+    "ablations/main_table_paired",
+    "ablations/selection",
+    "ablations/heldout_folds",
+]
 
 # %% [markdown]
 # ## Checks
 
 # %%
 assert pd.read_csv(PATHS.results("paper") / "headline.csv").shape == headline.shape
+assert pd.read_csv(PATHS.results("paper") / "methods.csv").shape == methods.shape and methods["ci"].notna().all()
 for name in shown:
     stage, item = name.split("/")
     assert (PATHS.figures(stage) / f"{item}.png").is_file() or (PATHS.results(stage) / f"{item}.csv").is_file(), name

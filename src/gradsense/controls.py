@@ -9,7 +9,7 @@ import pandas as pd
 
 from gradsense.errors import GradsenseError
 from gradsense.evaluate import ANSWER_RECALL, READ_DOMAIN, read_domain_values
-from gradsense.main_table import Pair, condition_rows
+from gradsense.main_table import PAIRED_COLUMNS, Pair, condition_rows, paired_rates, with_paired
 from gradsense.stats import rate_rows
 
 GROUP = "controls"  # the controls' group in the main table
@@ -71,11 +71,14 @@ def controls_table(
     probe_truth: Sequence[str] | np.ndarray,
     n_boot: int = 1000,
     seed: int = 0,
+    lens_ids: Sequence[str] | None = None,
+    probe_ids: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Rates with bootstrap CIs of every describer condition (`runs`: name → (test, decoupling) frames; the SHUFFLED
-    run also gets READ_DOMAIN), then the training-free baselines on the test items: Backward Lens (the target token
-    ranks first under −g, counted as its answer recall — lenient, only the first token) and the linear probe
-    (predicted = true domain); group GROUP."""
+    """Rates with CIs of every describer condition (`runs`: name → (test, decoupling) frames; the SHUFFLED run also
+    gets READ_DOMAIN), then the training-free baselines on the test items: Backward Lens (the target token ranks first
+    under −g, counted as its answer recall — lenient, only the first token) and the linear probe (predicted = true
+    domain); group GROUP. Every condition but TRAINED carries its paired difference against TRAINED on the same rows
+    (baselines too when their item ids are given)."""
     if len(probe_predicted) != len(probe_truth):
         raise GradsenseError(f"{len(probe_predicted)} probe predictions for {len(probe_truth)} items")
     rows = condition_rows(runs, n_boot, seed)
@@ -84,9 +87,22 @@ def controls_table(
         rows += rate_rows({READ_DOMAIN: read_domain_values(shuffled)}, n_boot, seed, condition=SHUFFLED)
     lens_hits = np.asarray(lens_ranks) == 0
     probe_hits = np.asarray(probe_predicted) == np.asarray(probe_truth)
-    rows += rate_rows({ANSWER_RECALL: lens_hits}, n_boot, seed, condition=BACKWARD_LENS)
-    rows += rate_rows({"domain accuracy": probe_hits}, n_boot, seed, condition=LINEAR_PROBE)
-    return pd.DataFrame(rows).assign(group=GROUP)
+    rows += rate_rows({ANSWER_RECALL: lens_hits}, n_boot, seed, lens_ids, condition=BACKWARD_LENS)
+    rows += rate_rows({"domain accuracy": probe_hits}, n_boot, seed, probe_ids, condition=LINEAR_PROBE)
+    table = pd.DataFrame(rows).assign(group=GROUP)
+    if TRAINED not in runs:
+        return table
+    paired = {name: pair for name, pair in runs.items() if name != TRAINED}
+    if lens_ids is not None:
+        paired[BACKWARD_LENS] = (pd.DataFrame({"id": list(lens_ids), "answer_ok": lens_hits}), None)
+    if probe_ids is not None:
+        paired[LINEAR_PROBE] = (pd.DataFrame({"id": list(probe_ids), "domain_ok": probe_hits}), None)
+    differences = [
+        row
+        for name, pair in paired.items()
+        for row in paired_rates(pair, runs[TRAINED], n_boot, seed, group=GROUP, condition=name, vs=TRAINED)
+    ]
+    return with_paired(table, pd.DataFrame(differences, columns=["group", "condition", "metric", *PAIRED_COLUMNS]))
 
 
 def stored_condition(per_item: pd.DataFrame, condition: str) -> tuple[pd.DataFrame, pd.DataFrame]:

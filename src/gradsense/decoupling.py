@@ -78,15 +78,23 @@ def replay_plan(decoupled: pd.DataFrame, items: pd.DataFrame, per_pair: int | No
     return plan.drop(columns="id").reset_index(drop=True)
 
 
-def score_decoupled(plan: pd.DataFrame, described: pd.DataFrame, items: pd.DataFrame, tokenizer: Any) -> pd.DataFrame:
+def score_decoupled(
+    plan: pd.DataFrame,
+    described: pd.DataFrame,
+    items: pd.DataFrame,
+    tokenizer: Any,
+    nameable: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """The plan with each row's report scored: success = names the gradient's domain B, leakage = names the passage's
-    domain A; answer_ok = answer recall (`gradsense.evaluate.answer_identified`, the target of the item in `row`);
+    domain A (NaN where A is not among the `nameable` domains the describer was trained to say: leakage cannot
+    happen there; None = every domain); answer_ok = answer recall (`gradsense.evaluate.answer_identified`, the target of the item in `row`);
     to_from_passage = the reported `to` is a phrase of the passage read (and not the target)."""
     if len(described) != len(plan):
         raise GradsenseError(f"{len(described)} descriptions for {len(plan)} decoupling rows")
     by_row = items.set_index("row")
     targets = by_row.loc[plan["row"], "target"].to_numpy()
     reported = described["domain"].fillna("").to_numpy()
+    possible = np.ones(len(plan), bool) if nameable is None else plan["context_domain"].isin(list(nameable)).to_numpy()
     answer_ok = [answer_identified(t, a) for t, a in zip(described["to"], targets)]
     return plan.assign(
         id=by_row.loc[plan["row"], "id"].to_numpy(),
@@ -95,7 +103,7 @@ def score_decoupled(plan: pd.DataFrame, described: pd.DataFrame, items: pd.DataF
         reported_domain=described["domain"].to_numpy(),
         reported_to=described["to"].to_numpy(),
         success=reported == plan["gradient_domain"].to_numpy(),
-        leakage=reported == plan["context_domain"].to_numpy(),
+        leakage=np.where(possible, reported == plan["context_domain"].to_numpy(), np.nan),
         answer_ok=answer_ok,
         to_from_passage=[
             bool(t) and not ok and answer_identified(c, t)
@@ -116,8 +124,8 @@ def run_decoupling(
     progress: bool = False,
     control: str = "gradient",
 ) -> pd.DataFrame:
-    """Describe each planned (gradient, context) pair and score it (`score_decoupled`); controls "none" and
-    "noise" replace the injection."""
+    """Describe each planned (gradient, context) pair and score it (`score_decoupled`, leakage possible for the
+    describer's `trained_domains` when its meta names them); controls "none" and "noise" replace the injection."""
     if control not in CONTROLS:
         raise GradsenseError(f"decoupling control must be gradient, none or noise, not {control!r}")
     described = describer.describe_gradients(
@@ -129,7 +137,13 @@ def run_decoupling(
         max_new_tokens,
         progress,
     )
-    return score_decoupled(plan, described, items, tokenizer)
+    return score_decoupled(plan, described, items, tokenizer, trained_domains(describer))
+
+
+def trained_domains(describer: Any) -> list[str] | None:
+    """The domains a describer was trained to name (its meta's `trained_domains`), or None when it does not say."""
+    meta = getattr(describer, "meta", None) or {}
+    return meta.get("trained_domains")
 
 
 def decoupling_matrix(results: pd.DataFrame, value: str = "success") -> pd.DataFrame:
@@ -149,10 +163,11 @@ def pair_rates(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def decoupling_summary(parts: Mapping[str, pd.DataFrame], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Rates with bootstrap CIs of every `SUMMARY` metric per named set of decoupling rows (`pairs`; empty sets
-    give no rows)."""
+    """Rates of every `SUMMARY` metric per named set of decoupling rows (`pairs`; empty sets give no rows), CIs
+    resampling passages (a passage is read by many rows); leakage counts only rows where it can happen."""
     rows = []
     for name, frame in parts.items():
         if len(frame):
-            rows += rate_rows({m: frame[c] for m, c in SUMMARY.items()}, n_boot, seed, pairs=name)
+            values = {m: frame[c] for m, c in SUMMARY.items()}
+            rows += rate_rows(values, n_boot, seed, clusters=frame.get("context"), pairs=name)
     return pd.DataFrame(rows)

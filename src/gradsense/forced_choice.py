@@ -15,6 +15,7 @@ from gradsense.scoring import batches
 from gradsense.stats import rate_rows
 
 TOP_1 = "forced choice top-1"
+TOP_1_TEMPLATE = "forced choice top-1, same template"
 
 
 def choice_sets(
@@ -36,6 +37,59 @@ def choice_sets(
     return sets
 
 
+def _template_pools(
+    labels: Sequence[str], templates: Sequence[str], pool_labels: Sequence[str], pool_templates: Sequence[str]
+) -> dict[str, list[str]]:
+    """Template → its distinct pool labels (first-seen order; missing labels skipped), after checking lengths."""
+    if len(labels) != len(templates) or len(pool_labels) != len(pool_templates):
+        raise GradsenseError(
+            f"same-template choice: {len(labels)} labels vs {len(templates)} templates, "
+            f"{len(pool_labels)} pool labels vs {len(pool_templates)} pool templates (lengths must match)"
+        )
+    pools: dict[str, dict[str, None]] = {}
+    for label, template in zip(pool_labels, pool_templates):
+        if isinstance(label, str):
+            pools.setdefault(template, {})[label] = None
+    return {template: list(found) for template, found in pools.items()}
+
+
+def template_distractor_counts(
+    labels: Sequence[str], templates: Sequence[str], pool_labels: Sequence[str], pool_templates: Sequence[str]
+) -> np.ndarray:
+    """Per item: how many distinct pool labels other than its own share its template (the most distractors a
+    same-template set can hold)."""
+    pools = _template_pools(labels, templates, pool_labels, pool_templates)
+    return np.array([sum(other != own for other in pools.get(t, [])) for own, t in zip(labels, templates)], dtype=int)
+
+
+def template_choice_sets(
+    labels: Sequence[str],
+    templates: Sequence[str],
+    pool_labels: Sequence[str],
+    pool_templates: Sequence[str],
+    n_choices: int = 10,
+    seed: int = 0,
+) -> list[list[str]]:
+    """Per item: its own label first, then `n_choices − 1` distinct labels ≠ it from pool rows of the same template
+    (relation), in a seeded order; an item whose template offers fewer is an error (select items with
+    `template_distractor_counts` first)."""
+    if n_choices < 2:
+        raise GradsenseError(f"same-template choice needs n_choices ≥ 2, not {n_choices}")
+    short = np.flatnonzero(template_distractor_counts(labels, templates, pool_labels, pool_templates) < n_choices - 1)
+    if len(short):
+        raise GradsenseError(
+            f"same-template choice: {len(short)} of {len(labels)} items have fewer than {n_choices - 1} other labels "
+            f"in their template (first: {templates[short[0]]!r})"
+        )
+    pools = _template_pools(labels, templates, pool_labels, pool_templates)
+    rng = np.random.default_rng(seed)
+    sets = []
+    for own, template in zip(labels, templates):
+        pool = pools[template]
+        sets.append([own, *[pool[j] for j in rng.permutation(len(pool)) if pool[j] != own][: n_choices - 1]])
+    return sets
+
+
 def choice_ranks(scores: np.ndarray) -> np.ndarray:
     """Per row of (items, choices) scores whose column 0 is the item's own label: how many others score at least as
     high (0 = the own label wins; ties count against it)."""
@@ -46,7 +100,7 @@ def choice_ranks(scores: np.ndarray) -> np.ndarray:
 def forced_choice(
     describer: Describer,
     grads: np.ndarray,
-    labels: Sequence[str],
+    labels: Sequence[str] | None = None,
     pool: Sequence[str] | None = None,
     n_choices: int = 10,
     control: str = "gradient",
@@ -54,11 +108,21 @@ def forced_choice(
     batch_size: int = 16,
     max_label_tokens: int | None = None,
     progress: bool = False,
+    sets: Sequence[Sequence[str]] | None = None,
 ) -> pd.DataFrame:
-    """Per item: the rank (0 = best) of its own label among `n_choices` candidates (its own + others from `pool`),
-    by the mean per-token log-likelihood under the item's injection (no context); `correct` = rank 0 (chance
-    1/n_choices). Ties count against the item's own label."""
-    sets = choice_sets(labels, pool, n_choices, seed)
+    """Per item: the rank (0 = best) of its own label among `n_choices` candidates (its own + others from `pool`,
+    or the given `sets`, own label first, e.g. `template_choice_sets`), by the mean per-token log-likelihood under
+    the item's injection (no context); `correct` = rank 0 (chance 1/set size). Ties count against the own label."""
+    if (labels is None) == (sets is None):
+        raise GradsenseError("forced choice: give either labels (and a pool) or precomputed sets, not both")
+    if sets is None:
+        sets = choice_sets(labels, pool, n_choices, seed)
+    sets = [list(choice) for choice in sets]
+    n_choices = len(sets[0]) if sets else n_choices
+    if len(sets) != len(grads) or any(len(choice) != n_choices for choice in sets) or n_choices < 2:
+        raise GradsenseError(
+            f"forced choice: {len(sets)} sets for {len(grads)} gradients; every set needs the same size ≥ 2"
+        )
     grads_t = torch.as_tensor(np.asarray(grads), dtype=torch.float32)
     rows_item = np.repeat(np.arange(len(sets)), n_choices)
     texts = [text for choice in sets for text in choice]
@@ -76,13 +140,18 @@ def forced_choice(
 
 
 def forced_choice_rows(
-    forced: Mapping[str, pd.DataFrame], n_boot: int = 1000, seed: int = 0, set_name: str = "test subjects"
+    forced: Mapping[str, pd.DataFrame],
+    n_boot: int = 1000,
+    seed: int = 0,
+    set_name: str = "test subjects",
+    metric: str = TOP_1,
 ) -> list[dict]:
-    """Held-out table rows: the top-1 rate with its bootstrap CI per control (`forced` maps control → result)."""
+    """Held-out table rows: the top-1 rate (named `metric`) with its bootstrap CI per control (`forced` maps
+    control → result)."""
     return [
         row
         for control, frame in forced.items()
-        for row in rate_rows({TOP_1: frame["correct"]}, n_boot, seed, set=set_name, control=control)
+        for row in rate_rows({metric: frame["correct"]}, n_boot, seed, set=set_name, control=control)
     ]
 
 

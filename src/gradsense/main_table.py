@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from gradsense import stats
 from gradsense.decoupling import run_decoupling
 from gradsense.describer import Describer
 from gradsense.evaluate import ANSWER_RECALL, METRICS, describe_items
-from gradsense.stats import rate_rows
 
 # The main table's metrics: name → column of a scored test frame / of a decoupling frame.
 CORE_TEST = {m: METRICS[m] for m in ("domain accuracy", ANSWER_RECALL, "'from' recall", "names a domain")}
@@ -20,7 +20,10 @@ CORE_DECOUPLING = {
     "answer recall in the passage": "answer_ok",
     "'to' from the passage": "to_from_passage",
 }
-COLUMNS = ["group", "condition", "metric", "estimate", "low", "high", "n"]  # the long form's columns
+RATE_COLUMNS = ["group", "condition", "metric", "estimate", "low", "high", "n", "n_clusters", "ci", "excluded"]
+PAIRED_COLUMNS = ["vs", "difference", "diff_low", "diff_high", "n_paired"]  # against a reference on the same rows
+SEED_COLUMNS = ["seed_mean", "seed_sd", "seeds"]  # the pooled rows: each seed's estimate, as its own spread
+COLUMNS = [*RATE_COLUMNS, *PAIRED_COLUMNS, *SEED_COLUMNS]  # the long form's columns
 
 # Groups of the main table's rows (controls are group `gradsense.controls.GROUP`).
 MAIN_RESULT = "main result"
@@ -61,13 +64,16 @@ def core_rates(
     scored: pd.DataFrame | None, decoupled: pd.DataFrame | None, n_boot: int = 1000, seed: int = 0, **keys: object
 ) -> list[dict]:
     """Rows of the main table for one condition: CORE_TEST rates on the test items and CORE_DECOUPLING rates on
-    the decoupling pairs, each with its bootstrap 95% CI (a missing or empty part gives no rows)."""
-    values = {}
+    the decoupling pairs, each with its 95% CI (`gradsense.stats.rate_interval`): test rows clustered by item (an
+    item scored under several seeds is one unit), decoupling rows by passage (a missing or empty part gives no rows)."""
+    rows = []
     if scored is not None and len(scored):
-        values |= {metric: scored[column].to_numpy() for metric, column in CORE_TEST.items()}
+        values = {metric: scored[column].to_numpy() for metric, column in CORE_TEST.items()}
+        rows += stats.rate_rows(values, n_boot, seed, clusters=scored.get("id"), **keys)
     if decoupled is not None and len(decoupled):
-        values |= {metric: decoupled[column].to_numpy() for metric, column in CORE_DECOUPLING.items()}
-    return rate_rows(values, n_boot, seed, **keys)
+        values = {metric: decoupled[column].to_numpy() for metric, column in CORE_DECOUPLING.items()}
+        rows += stats.rate_rows(values, n_boot, seed, clusters=decoupled.get("context"), **keys)
+    return rows
 
 
 def condition_rows(runs: Mapping[str, Pair], n_boot: int = 1000, seed: int = 0, **keys: object) -> list[dict]:
@@ -98,6 +104,55 @@ def per_item_table(runs: Mapping[str | tuple[str, ...], Pair], keys: Sequence[st
     )
 
 
+def _paired(frame: pd.DataFrame) -> pd.DataFrame:
+    """A scored frame keyed for pairing: its item id and the occurrence of that id (rows in plan order)."""
+    return frame.assign(occurrence=frame.groupby("id").cumcount())
+
+
+def paired_rates(pair: Pair, reference: Pair, n_boot: int = 1000, seed: int = 0, **keys: object) -> list[dict]:
+    """Per core metric: mean(run − reference) over the rows both scored (the same items; decoupling rows the same
+    planned pairs, in plan order), with its CI clustered as in `core_rates` (test by item, decoupling by the
+    reference's passage); a part or metric either side lacks gives no row."""
+    rows = []
+    for frame, ref, metrics, cluster in zip(pair, reference, (CORE_TEST, CORE_DECOUPLING), ("id", "context")):
+        if frame is None or ref is None or not len(frame) or not len(ref):
+            continue
+        columns = [c for c in metrics.values() if c in frame.columns and c in ref.columns]
+        left = _paired(frame)[["id", "occurrence", *columns]]
+        right = _paired(ref)[list(dict.fromkeys(["id", "occurrence", cluster, *columns]))]
+        merged = left.merge(right, on=["id", "occurrence"])
+        for metric, c in metrics.items():
+            if c in columns and len(merged):
+                a, b = merged[f"{c}_x"].astype(float), merged[f"{c}_y"].astype(float)
+                rows.append(
+                    {**keys, "metric": metric, **stats.paired_difference(a, b, merged[cluster], n_boot, seed=seed)}
+                )
+    return rows
+
+
+def paired_rows(
+    runs: Mapping[tuple[str, str], Pair],
+    references: Mapping[tuple[str, str], str],
+    reference_pairs: Mapping[str, Pair],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """`paired_rates` of every run keyed (group, condition) that `references` maps to a reference name (its pair in
+    `reference_pairs`), as rows with `vs` = that name."""
+    rows = [
+        row
+        for key, name in references.items()
+        for row in paired_rates(runs[key], reference_pairs[name], n_boot, seed, group=key[0], condition=key[1], vs=name)
+    ]
+    return pd.DataFrame(rows, columns=["group", "condition", "metric", *PAIRED_COLUMNS])
+
+
+def with_paired(rates: pd.DataFrame, paired: pd.DataFrame) -> pd.DataFrame:
+    """Rate rows with their paired difference (by group, condition, metric) where there is one."""
+    keys = ["group", "condition", "metric"]
+    return rates.drop(columns=[c for c in PAIRED_COLUMNS if c in rates.columns]).merge(paired, on=keys, how="left")
+
+
 def pooled_condition(n_seeds: int) -> str:
     """The main result's condition name when `n_seeds` describers are pooled."""
     return f"describer, {n_seeds} {POOLED}"
@@ -112,12 +167,17 @@ def pool(pairs: Sequence[Pair]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def seeds_table(seed_runs: Mapping[str, Pair], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """The main result per seed (conditions = the keys) and pooled over seeds (`pooled_condition`), group
+    """The main result per seed (conditions = the keys) and pooled over seeds (`pooled_condition`: CIs cluster an
+    item's rows over seeds, and each metric's seed_mean ± seed_sd over the single-seed estimates), group
     MAIN_RESULT."""
-    rows = condition_rows(seed_runs, n_boot, seed)
+    single = pd.DataFrame(condition_rows(seed_runs, n_boot, seed))
     pooled_test, pooled_decoupled = pool(list(seed_runs.values()))
-    rows += core_rates(pooled_test, pooled_decoupled, n_boot, seed, condition=pooled_condition(len(seed_runs)))
-    return pd.DataFrame(rows).assign(group=MAIN_RESULT)
+    pooled = pd.DataFrame(
+        core_rates(pooled_test, pooled_decoupled, n_boot, seed, condition=pooled_condition(len(seed_runs)))
+    )
+    spread = {m: stats.seed_spread(part["estimate"]) for m, part in single.groupby("metric", sort=False)}
+    pooled = pooled.assign(**{c: [spread[m][c] for m in pooled["metric"]] for c in SEED_COLUMNS})
+    return pd.concat([single, pooled], ignore_index=True).assign(group=MAIN_RESULT)
 
 
 def seed_spread(seeds: pd.DataFrame) -> pd.DataFrame:
@@ -147,8 +207,8 @@ def main_table_long(seeds: pd.DataFrame, *parts: pd.DataFrame) -> pd.DataFrame:
     """The main table in long form: the pooled main result of `seeds_table`, then every row of `parts` (controls,
     ablations), restricted to the core metrics."""
     pooled = seeds[seeds["condition"].str.endswith(POOLED)]
-    long = pd.concat([pooled, *parts], ignore_index=True)
-    return long.loc[long["metric"].isin([*CORE_TEST, *CORE_DECOUPLING]), COLUMNS]
+    long = pd.concat([pooled, *parts], ignore_index=True).reindex(columns=COLUMNS)
+    return long.loc[long["metric"].isin([*CORE_TEST, *CORE_DECOUPLING])].reset_index(drop=True)
 
 
 def main_table(rates: pd.DataFrame) -> pd.DataFrame:
@@ -164,6 +224,23 @@ def main_table(rates: pd.DataFrame) -> pd.DataFrame:
         .fillna("n/a")
         .reset_index()
     )
+
+
+def paired_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Wide form of the paired differences: one row per (group, condition, vs), "Δ [low, high]" per core metric."""
+    rows = long.dropna(subset=["difference"])
+    cell = rows.assign(
+        value=[
+            f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+            for d, lo, hi in zip(rows["difference"], rows["diff_low"], rows["diff_high"])
+        ]
+    )
+    keys = ["group", "condition", "vs"]
+    order = list(dict.fromkeys(zip(*(cell[k] for k in keys))))
+    wide = cell.pivot_table(index=keys, columns="metric", values="value", aggfunc="first")
+    metrics = [m for m in [*CORE_TEST, *CORE_DECOUPLING] if m in wide.columns]
+    index = pd.MultiIndex.from_tuples(order, names=keys)
+    return wide.reindex(index)[metrics].fillna("n/a").reset_index()
 
 
 def main_result(long: pd.DataFrame) -> pd.DataFrame:

@@ -2,9 +2,9 @@
 
 A virtual step replaces the output h of block `layer` at the last prompt position by h − α·(g/‖g‖)·‖h‖, so α is a
 fraction of the residual norm. `virtual_step` does one item over the whole vocabulary; `virtual_steps` does many items
-× an α grid and step kinds (−g, +g, random same-norm directions) in one forward per batch; `choose_alpha` states the
-rule for the labelling α (the block is `gradients.extracted_layer`); the labelling pass at that α (`item_shifts`)
-lives in `gradsense.shifts`. The check against a real SGD step and label faithfulness live in `gradsense.validity`.
+× an α grid and step kinds (−g, +g, random same-norm directions) in one forward per batch; `sweep_items` picks the
+validation items of the α sweep and `choose_alpha` states the rule for the labelling α (the block is
+`gradients.extracted_layer`); the labelling pass at that α (`item_shifts`) lives in `gradsense.shifts`. The check against a real SGD step and label faithfulness live in `gradsense.validity`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from gradsense.errors import GradsenseError
 from gradsense.hooks import edit_block_output
 from gradsense.models import check_layer, model_device
+from gradsense.sampling import stratified
 from gradsense.scoring import encode, forward, target_text, tokenize_target
 
 STEP_KINDS = ("gradient", "opposite", "random")  # the −g step and its two controls: +g, a random direction
@@ -317,6 +318,15 @@ def virtual_steps(
                     }
                 )
     return pd.DataFrame.from_records(records)
+
+
+def sweep_items(items: pd.DataFrame, n: int | None, seed: int = 0) -> pd.DataFrame:
+    """The items of the α sweep: validation-split rows only (α is a selected setting; the test split is scored once),
+    stratified by direction × domain with even seeded draws (`n` None = every validation row)."""
+    val = items[items["split"] == "val"]
+    if val.empty:
+        raise GradsenseError("the α sweep needs validation items (split == 'val'), and there are none")
+    return stratified(val, ["direction", "domain"], n, order="shuffle_groups", fill="even", seed=seed)
 
 
 def choose_alpha(table: pd.DataFrame, min_median_gain: float = 1.0) -> dict:

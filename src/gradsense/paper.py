@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from gradsense.errors import GradsenseError
+from gradsense.stats import BOOTSTRAP
 
 
 def fact_answer_shares(answers: pd.DataFrame) -> dict[str, float]:
@@ -34,7 +35,7 @@ def best_gradient_probe(probe: pd.DataFrame) -> pd.Series:
     return rows.sort_values("accuracy").iloc[-1]
 
 
-HEADLINE_COLUMNS = ["part", "set", "metric", "who", "estimate", "low", "high", "n"]
+HEADLINE_COLUMNS = ["part", "set", "metric", "who", "estimate", "low", "high", "n", "n_clusters", "ci"]
 
 
 def headline_table(
@@ -58,8 +59,65 @@ def headline_table(
             part="round trip", metric=lambda f: "cosine with: " + f["gradient of"], who="describer"
         ),
     ]
-    table = pd.concat([p[HEADLINE_COLUMNS] for p in parts], ignore_index=True)
+    table = pd.concat([p.reindex(columns=HEADLINE_COLUMNS) for p in parts], ignore_index=True)
+    rows_only = table["ci"].isna()  # tables whose rows were resampled one by one (each row its own unit)
+    table["ci"] = table["ci"].astype(object).where(~rows_only, BOOTSTRAP)
+    table["n_clusters"] = table["n_clusters"].where(~rows_only, table["n"])
     order = {"describer": 0, "no injection": 1}
     return table.sort_values(
         ["part", "set", "metric", "who"], key=lambda c: c.map(order).fillna(2) if c.name == "who" else c, kind="stable"
     ).reset_index(drop=True)
+
+
+# Which split (and which items) each evaluation set reads: the first rule whose key the set's name contains.
+SPLITS = [
+    ("seed case", "test split: history items, each in a biology evaluation passage"),
+    ("external sets", "external facts (never trained or tuned on), each in an unseen passage of another domain"),
+    ("external", "external facts: a third-party dataset or new phrasings, never trained or tuned on"),
+    ("held-out templates", "test split: the held-out template of each trained domain"),
+    ("held-out domain", "every split of the held-out domain"),
+    ("test subjects", "test split: held-out subjects, trained templates and domains"),
+    ("new phrasings", "external facts: new phrasings, never trained or tuned on"),
+    ("all pairs", "test split items, each in an evaluation passage of another domain"),
+]
+METHODS_COLUMNS = ["section", "set", "metric", "who", "split", "n", "n_clusters", "unit", "seeds", "ci"]
+
+
+def split_of(name: str) -> str:
+    """The split (and items) an evaluation set's numbers come from, by its name."""
+    for key, split in SPLITS:
+        if key in name:
+            return split
+    raise GradsenseError(f"no split is known for the evaluation set {name!r}")
+
+
+def methods_table(headline: pd.DataFrame, long: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
+    """For every reported number of the headline, the main table and the held-out-domain rotation: its split, n
+    (rows), the resampled unit and how many, the seeds and the CI method. Columns METHODS_COLUMNS."""
+    decoupling_metrics = long["metric"].str.startswith("decoupling") | long["metric"].str.contains("passage")
+    pooled = long["seeds"].fillna(1).astype(int)
+    parts = [
+        headline.assign(
+            section="headline (seed 0)",
+            split=headline["set"].map(split_of),
+            unit=headline["part"].map({"decoupling": "passages"}).fillna("items"),
+            seeds=1,
+        ),
+        long.assign(
+            section="main table",
+            set=long["group"] + ": " + long["condition"],
+            who="describer",
+            split="test split (held-out subjects; decoupling: evaluation passages)",
+            unit=decoupling_metrics.map({True: "passages", False: "items"}),
+            seeds=pooled,
+        ),
+        folds.assign(
+            section="held-out-domain rotation",
+            set="fold: " + folds["fold"],
+            who="describer",
+            split="every split of the fold's held-out domain",
+            unit="items",
+            seeds=1,
+        ),
+    ]
+    return pd.concat([p[METHODS_COLUMNS] for p in parts], ignore_index=True)

@@ -21,6 +21,7 @@ from gradsense.errors import GradsenseError
 from gradsense.hooks import capture
 from gradsense.prompt import FIELD_LEADS, encode_interpretations, lead_split, value_lengths
 from gradsense.scoring import batches
+from gradsense.teacher import parse_label
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TrainConfig:
     hard_share: float = 0.3  # of those, the share that reads a hard negative (another answer of the same relation)
     max_label_tokens: int | None = None  # cap on head tokens; None = the whole head
     eval_every: int = 25
+    select_on_val: bool = True  # with `val`: return the parameters of the evaluation with the lowest val_loss
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -167,7 +169,12 @@ def train_projector(
 
     `hard_negatives[i]`: passages stating another answer of item i's relation (read by a `hard_share` of its context
     rows). Sets `config.max_value_tokens` (decoding's cap) from the labels. Returns the describer and the training
-    curve (step, loss, seconds; val_loss every `eval_every` steps on the `val` (grads, labels) pair, no context)."""
+    curve (step, loss, seconds; val_loss every `eval_every` steps on the `val` (grads, labels) pair, no context).
+
+    With `val` and `train.select_on_val`, the number of steps is chosen on validation: the trainable parameters
+    (projector, LoRA) of the evaluation with the lowest val_loss (the first on ties) are restored at the end. With
+    `val`, `describer.meta["selection"]` records `selected_step` and `selected_val_loss` (the last step's when
+    selection is off)."""
     config.check(model)
     train.check()
     grads_t = torch.as_tensor(np.asarray(grads), dtype=torch.float32)
@@ -194,6 +201,7 @@ def train_projector(
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay)
     curve = []
     plan = list(batch_plan(len(labels), train, rng))
+    best_loss, best_step, snapshot = math.inf, None, None
     for step, (idx, kinds) in enumerate(tqdm(plan, desc="train projector", disable=not progress), start=1):
         start = time.perf_counter()
         hard = [hard_negatives[i] if k == 0 else () for i, k in zip(idx, kinds)] if hard_negatives else None
@@ -208,8 +216,20 @@ def train_projector(
         record = {"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start, "val_loss": math.nan}
         if val is not None and (step % train.eval_every == 0 or step == len(plan) or step == 1):
             record["val_loss"] = validation_loss(describer, *val, max_label_tokens=train.max_label_tokens)
+            if train.select_on_val and record["val_loss"] < best_loss:  # NaN never wins
+                best_loss, best_step = record["val_loss"], step
+                snapshot = None if step == len(plan) else [p.detach().clone() for p in params]
         curve.append(record)
-    describer.meta = {"train": asdict(train)}
+    named = {parse_label(label)["domain"] for label in labels} - {None}
+    describer.meta = {"train": asdict(train), "trained_domains": sorted(named)}  # what leakage can name
+    if val is not None:
+        if best_step is None:  # selection off (or no finite val_loss): the last step, evaluated above
+            best_loss, best_step = curve[-1]["val_loss"], len(plan)
+        elif snapshot is not None:
+            with torch.no_grad():
+                for p, saved in zip(params, snapshot):
+                    p.copy_(saved)
+        describer.meta["selection"] = {"selected_step": int(best_step), "selected_val_loss": float(best_loss)}
     return describer, pd.DataFrame(curve)
 
 
