@@ -42,7 +42,7 @@ test-unit: venv  ## the tests that need no data/ (tiny random Llama)
 
 test-notebooks: data  ## run every pipeline notebook in order with its default (ci) parameters under nbval, in build/nbtest
 	rm -rf $(NBTEST) && mkdir -p $(NBTEST)/notebooks
-	cp notebooks/[0-9][0-9]_*.ipynb $(NBTEST)/notebooks/
+	cp notebooks/[0-9][0-9]_*.ipynb notebooks/explore.ipynb $(NBTEST)/notebooks/  # explore runs last: it reads 04's checkpoint
 	pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(NBTEST)/notebooks
 
 determinism: data  ## the ci preset twice at once: under nbval and by `dvc repro`; every result table must be byte-identical
@@ -55,6 +55,12 @@ determinism: data  ## the ci preset twice at once: under nbval and by `dvc repro
 	 if [ $$ci_rc -ne 0 ]; then tail -n 40 build/paper-ci.log; echo "dvc repro of the ci preset failed (build/paper-ci.log)"; exit 1; fi
 	python scripts/compare_results.py $(NBTEST)/results $(CI_RUN)/results
 	cd $(CI_RUN) && dvc status --quiet  # the dvc run is complete: nothing left to reproduce
+	@# the real page in headless Chromium (images load, links resolve, no errors); .ci/run installs Chromium, and
+	@# under CI a missing browser or screenshot fails, elsewhere the check is skipped with one line
+	@if command -v chromium > /dev/null || [ -n "$$CI" ]; then \
+	   test -s $(CI_RUN)/results/paper/page.png || { echo "the paper stage kept no screenshot: is Chromium installed?"; exit 1; }; \
+	   python -m gradsense.browser $(CI_RUN)/results/paper/08_paper.html; \
+	 else echo "no Chromium: the browser check of the paper page is skipped (apt-get install chromium)"; fi
 
 lint:  ## ruff: lint and format check
 	ruff check src tests benchmarks scripts notebooks/src
@@ -76,9 +82,8 @@ data-record: venv  ## maintainers only: re-record data/ in data.dvc after changi
 	gradsense fetch-data || true
 	dvc add data
 
-lab: venv  ## JupyterLab on the notebooks (jupytext pairs each .ipynb with its notebooks/src script); as root add --allow-root
-	$(BIN)/pip install -q jupyterlab==4.6.6
-	jupyter lab notebooks/
+lab: venv  ## JupyterLab (pinned in the env) on the notebooks; jupytext pairs each .ipynb with its script; as root it adds --allow-root itself; more flags: ARGS="--port 8899 --no-browser"
+	jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS) notebooks/
 
 clean:
 	rm -rf build results figures .dvc/tmp

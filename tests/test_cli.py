@@ -1,6 +1,7 @@
 """`gradsense describe` end to end on a projector trained (briefly) for the tiny Llama, saved as a model folder."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import gradsense.items
 from gradsense.checkpoint import save_checkpoint
 from gradsense.cli import main
 from gradsense.describer import DescriberConfig
+from gradsense.items import BATCH_SIZE
 from gradsense.training import TrainConfig, train_projector
 
 from tiny_model import tiny_llama
@@ -83,10 +85,24 @@ def test_describe_jsonl_writes_every_field_in_order(checkpoint, tmp_path, capsys
     assert all(r[k] is None or isinstance(r[k], str) for r in records for k in ("domain", "from", "to"))
     printed = capsys.readouterr()
     assert "3 descriptions written" in printed.out
-    summary = printed.err.strip().splitlines()[-1]  # after the progress bars, on stderr
+    assert "describe (" not in printed.err and "activation gradients" not in printed.err  # one batch: no bars
+    summary = printed.err.strip().splitlines()[-1]  # on stderr
     assert summary.startswith("3 items described in ") and summary.endswith(
         "fields parsed: domain 3/3, from 3/3, to 3/3"
     )
+
+
+def test_a_long_input_shows_progress_bars_then_one_summary_line(checkpoint, tmp_path, capsys):
+    items = [{"id": i, "prompt": f"Fact number {i} is", "right": "x"} for i in range(BATCH_SIZE + 1)]
+    code, records = run(checkpoint, tmp_path, "--faithfulness", items=items)
+    assert code == 0 and len(records) == BATCH_SIZE + 1
+    err = capsys.readouterr().err
+    assert "activation gradients" in err and "describe (gradient)" in err  # more than one batch: tqdm on stderr
+    n = len(records)
+    parsed = ", ".join(f"{k} {sum(r[k] is not None for r in records)}/{n}" for k in ("domain", "from", "to"))
+    cosines = [r["roundtrip_cosine"] for r in records if r["roundtrip_cosine"] is not None]
+    tail = f"fields parsed: {parsed}; mean round-trip cosine {np.mean(cosines):.3f} ({len(cosines)}/{n})"
+    assert re.fullmatch(rf"{n} items described in \d+\.\d s; " + re.escape(tail), err.strip().splitlines()[-1])
 
 
 def test_the_injection_reaches_the_model_and_the_controls_change_it(checkpoint, tmp_path):

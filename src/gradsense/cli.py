@@ -25,7 +25,7 @@ def _describe(args: argparse.Namespace) -> None:
     import time
 
     from gradsense.files import writable_parent, write_jsonl
-    from gradsense.items import describe, read_items, summary_line
+    from gradsense.items import BATCH_SIZE, describe, read_items, summary_line
 
     control = "none" if args.no_inject else "noise" if args.noise else "shuffle" if args.shuffle else "gradient"
     options = {
@@ -42,7 +42,7 @@ def _describe(args: argparse.Namespace) -> None:
         items = read_items(args.input)
         writable_parent(args.output)  # before the model loads: a bad --output fails at once, not after the run
         start = time.perf_counter()
-        records = describe(items, **options, progress=True)  # tqdm bars on stderr
+        records = describe(items, **options, progress=len(items) > BATCH_SIZE)  # tqdm bars on stderr when long
         write_jsonl(records, args.output, sort_keys=False)  # fields in the order id, description, domain, from, to
         print(f"{len(records)} descriptions written to {args.output}")
         print(summary_line(records, time.perf_counter() - start), file=sys.stderr)

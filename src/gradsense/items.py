@@ -18,6 +18,7 @@ from gradsense.prompt import interpretation_ids
 from gradsense.scoring import target_text, tokenize_prompt, tokenize_target
 
 FIELDS = ("id", "description", "domain", "from", "to")  # one output record, in this order
+BATCH_SIZE = 16  # descriptions per batch; the CLI shows progress bars for inputs longer than one batch
 
 
 def read_items(path: str | Path) -> list[dict]:
@@ -101,7 +102,7 @@ def describe(
     describer: Describer | None = None,
     control: str = "gradient",
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = BATCH_SIZE,
     max_new_tokens: int = 0,
     device: str = "auto",
     progress: bool = False,
@@ -146,7 +147,13 @@ def describe(
 
 
 def summary_line(records: Sequence[Mapping], seconds: float) -> str:
-    """One line on a finished run: items, seconds, and how many of each head field parsed."""
+    """One line on a finished run: items, seconds, how many of each head field parsed (and, with `--faithfulness`,
+    the mean round-trip cosine over the items that have one)."""
     n = len(records)
     parsed = ", ".join(f"{field} {sum(r.get(field) is not None for r in records)}/{n}" for field in FIELDS[2:])
-    return f"{n} items described in {seconds:.1f} s; fields parsed: {parsed}"
+    line = f"{n} items described in {seconds:.1f} s; fields parsed: {parsed}"
+    if any("roundtrip_cosine" in r for r in records):
+        cosines = [r["roundtrip_cosine"] for r in records if r.get("roundtrip_cosine") is not None]
+        mean = f"{np.mean(cosines):.3f}" if cosines else "n/a"
+        line += f"; mean round-trip cosine {mean} ({len(cosines)}/{n})"
+    return line

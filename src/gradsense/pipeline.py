@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from gradsense.report import save_json
 
 SHARED_KEYS = ("seed",)
 HTML_STAGES = ("paper",)  # stages whose executed notebook is also exported as an HTML report (code hidden)
+SCREENSHOT = "page.png"  # the HTML report's full-page screenshot beside it, kept when Chromium is installed
 
 
 def notebook_for(stage: str, root: Path) -> Path:
@@ -40,14 +42,38 @@ def stage_parameters(stage: str, params_file: Path) -> dict:
 
 
 def export_html(notebook: Path, html: Path) -> Path:
-    """Render an executed notebook to a self-contained HTML report without code cells."""
+    """Render an executed notebook to a self-contained HTML page without code cells, with a table of contents."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
-    html.write_text(body)
+    from gradsense import page
+
+    nb = nbformat.read(notebook, as_version=4)
+    nb.metadata["title"] = page.title(nb) or notebook.stem
+    exporter = HTMLExporter(
+        exclude_input=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+        extra_loaders=[page.LOADER],
+        template_file=page.TEMPLATE,
+    )
+    body, _ = exporter.from_notebook_node(nb)
+    html.write_text(page.add_contents(body))
     return html
+
+
+def keep_screenshot(html: Path, png: Path) -> Path | None:
+    """Check the page in headless Chromium and keep its screenshot; without Chromium say so in one line, no error."""
+    from gradsense import browser
+
+    missing = browser.unavailable()
+    if missing:
+        print(f"{html.name}: no browser check, no {png.name} ({missing})", file=sys.stderr)
+        return None
+    report = browser.check_page(html, png)
+    if not report.ok:
+        raise GradsenseError(f"the exported page is broken: {report.summary()}")
+    return png
 
 
 def run_stage(stage: str, root: Path = Path("."), params_file: Path | None = None) -> Path:
@@ -79,8 +105,8 @@ def run_stage(stage: str, root: Path = Path("."), params_file: Path | None = Non
         raise GradsenseError(
             f"stage {stage} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}".splitlines()[0]
         ) from None
-    if stage in HTML_STAGES:
-        export_html(executed, executed.with_suffix(".html"))
+    if stage in HTML_STAGES:  # the page, and its screenshot where Chromium is (a PNG: never byte-compared)
+        keep_screenshot(export_html(executed, executed.with_suffix(".html")), executed.parent / SCREENSHOT)
     # The kernel is a reaped child process, so RUSAGE_CHILDREN holds its peak resident memory (KiB on Linux).
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     save_json(

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,36 @@ def _ratio(sums: np.ndarray, counts: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.sum(sums, axis=axis) / np.sum(counts, axis=axis)
 
 
+def _mean_of_means(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The mean of the samples' means (each fold weighs the same)."""
+    return np.mean([x.mean(axis=axis) for x in samples], axis=0)
+
+
+def _percentile(
+    data: tuple[np.ndarray, ...],
+    statistic: Callable[..., np.ndarray],
+    estimate: float,
+    n_boot: int,
+    level: float,
+    seed: int,
+    paired: bool = False,
+) -> tuple[float, float, float]:
+    """(estimate, low, high): scipy's percentile bootstrap of a vectorized `statistic`, the interval widened to hold
+    the estimate."""
+    result = sps.bootstrap(
+        data,
+        statistic,
+        paired=paired,
+        vectorized=True,
+        n_resamples=n_boot,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    low, high = result.confidence_interval
+    return estimate, float(min(low, estimate)), float(max(high, estimate))
+
+
 def cluster_bootstrap(
     values: Sequence[float] | np.ndarray,
     clusters: Sequence | np.ndarray | None = None,
@@ -49,18 +79,7 @@ def cluster_bootstrap(
     estimate = float(v.mean())
     if len(sums) < 2 or np.ptp(sums / counts) == 0:
         return estimate, estimate, estimate
-    result = sps.bootstrap(
-        (sums, counts),
-        _ratio,
-        paired=True,
-        vectorized=True,
-        n_resamples=n_boot,
-        confidence_level=level,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    low, high = result.confidence_interval
-    return estimate, float(min(low, estimate)), float(max(high, estimate))
+    return _percentile((sums, counts), _ratio, estimate, n_boot, level, seed, paired=True)
 
 
 def bootstrap_ci(
@@ -156,17 +175,7 @@ def mean_over_folds(
         return estimate, min(low, estimate), max(high, estimate)
     if all(np.ptp(s) == 0 for s in samples):
         return estimate, estimate, estimate
-    result = sps.bootstrap(
-        tuple(samples),
-        lambda *xs, axis=-1: np.mean([x.mean(axis=axis) for x in xs], axis=0),
-        vectorized=True,
-        n_resamples=n_boot,
-        confidence_level=level,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    low, high = result.confidence_interval
-    return estimate, float(min(low, estimate)), float(max(high, estimate))
+    return _percentile(tuple(samples), _mean_of_means, estimate, n_boot, level, seed)
 
 
 def seed_spread(estimates: Sequence[float] | np.ndarray) -> dict:
