@@ -132,6 +132,8 @@ def test_untrained_describer_is_a_fresh_seeded_projector_on_the_same_model(tiny)
     assert fresh.model is d.model and fresh.config == d.config
     assert not torch.equal(fresh.projector.net.weight, d.projector.net.weight)
     assert torch.equal(fresh.projector.net.weight, untrained_describer(d, seed=1).projector.net.weight)
+    d.meta["trained_domains"] = ["biology", "history"]  # its leakage counts the same passages as the trained one's
+    assert untrained_describer(d).meta["trained_domains"] == ["biology", "history"]
 
 
 def test_domain_logprobs_are_the_decoders_next_token_log_probabilities():

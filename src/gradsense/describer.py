@@ -322,4 +322,5 @@ def untrained_describer(describer: Describer, seed: int = 0) -> Describer:
     projector.grad_norm_ref.copy_(describer.projector.grad_norm_ref)
     projector.log_scale.data.copy_(describer.projector.log_scale.data)  # raw mode: the trained describer's scale
     projector.requires_grad_(False)
-    return Describer(describer.model, describer.tokenizer, projector, cfg, {"untrained": True})
+    meta = {"untrained": True, "trained_domains": describer.meta.get("trained_domains")}  # leakage: the same rows
+    return Describer(describer.model, describer.tokenizer, projector, cfg, meta)
