@@ -98,3 +98,34 @@ def test_methods_table_names_split_unit_seeds_and_method_of_every_number():
     assert table.loc[0, "split"] == split_of("held-out templates") and "test split" in table.loc[0, "split"]
     with pytest.raises(GradsenseError, match="no split is known"):
         split_of("somewhere else")
+
+
+def test_headline_metrics_are_flat_numbers_keyed_for_dvc():
+    from gradsense.paper import headline_metrics
+
+    row = {"low": 0.5, "high": 0.7, "n": 10}
+    long = pd.DataFrame(
+        [
+            {"group": "main result", "condition": "pooled", "metric": "answer recall", "estimate": 0.6, **row},
+            {"group": "controls", "condition": "noise", "metric": "answer recall", "estimate": 0.0, **row},
+        ]
+    )
+    folds = pd.DataFrame([{"fold": "mean over folds", "metric": "domain forced choice", "estimate": 0.1, **row}])
+    headline = pd.DataFrame(
+        [
+            {
+                "part": "reading",
+                "set": "test subjects",
+                "metric": "'from' recall",
+                "who": "describer",
+                "estimate": 0.25,
+            },
+            {"part": "reading", "set": "test subjects", "metric": "x", "who": "no injection", "estimate": 0.0},
+        ]
+    )
+    got = headline_metrics(long, folds, headline)
+    assert got["main_result"] == {"answer_recall": {"estimate": 0.6, "low": 0.5, "high": 0.7}}
+    assert got["heldout_domain_folds"]["domain_forced_choice"]["estimate"] == 0.1
+    assert got["sets_seed0"] == {"test_subjects": {"from_recall": 0.25}}
+    with pytest.raises(GradsenseError, match="no main-result rows"):
+        headline_metrics(long.iloc[1:], folds, headline)

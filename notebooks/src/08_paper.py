@@ -25,7 +25,7 @@ from gradsense import paper
 from gradsense.main_table import main_result
 from gradsense.paths import STAGES, Paths
 from gradsense.pipeline import stage_parameters
-from gradsense.report import save_table
+from gradsense.report import save_json, save_table
 
 PATHS = Paths("..")
 
@@ -357,6 +357,8 @@ show(
 )
 methods = paper.methods_table(headline, long, folds)
 save_table(methods, PATHS.results("paper"), "methods")
+# The headline numbers as DVC metrics (`dvc metrics show`, `dvc metrics diff`, `dvc exp show`).
+save_json(paper.headline_metrics(long, folds, headline), PATHS.results("paper") / "metrics.json")
 show(
     methods,
     "**Methods** (`paper/methods.csv`, `.tex`): for every number above, its split, n rows, the resampled unit "
@@ -378,6 +380,9 @@ shown += [
 # %%
 assert pd.read_csv(PATHS.results("paper") / "headline.csv").shape == headline.shape
 assert pd.read_csv(PATHS.results("paper") / "methods.csv").shape == methods.shape and methods["ci"].notna().all()
+assert record("paper", "metrics")["main_result"]["answer_recall"]["estimate"] == round(
+    float(pooled.loc["answer recall", "estimate"]), 4
+)
 for name in shown:
     stage, item = name.split("/")
     assert (PATHS.figures(stage) / f"{item}.png").is_file() or (PATHS.results(stage) / f"{item}.csv").is_file(), name

@@ -121,3 +121,26 @@ def methods_table(headline: pd.DataFrame, long: pd.DataFrame, folds: pd.DataFram
         ),
     ]
     return pd.concat([p[METHODS_COLUMNS] for p in parts], ignore_index=True)
+
+
+def _slug(text: str) -> str:
+    """A metric name as a DVC metrics key: lower case, words joined by underscores."""
+    return "_".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def headline_metrics(long: pd.DataFrame, folds: pd.DataFrame, headline: pd.DataFrame) -> dict:
+    """The paper's headline numbers as a flat, nested dict for `dvc metrics show/diff`: the pooled main result
+    (estimate, low, high per core metric), the held-out-domain mean over folds, and the describer's domain accuracy
+    and answer recall on every evaluation set (seed 0)."""
+    pooled = long[long["group"] == "main result"]
+    if pooled.empty:
+        raise GradsenseError("the main table has no main-result rows")
+    interval = ["estimate", "low", "high"]
+    rows = {_slug(r.metric): {k: round(float(getattr(r, k)), 4) for k in interval} for r in pooled.itertuples()}
+    mean = folds[folds["fold"] == "mean over folds"]
+    fold_rows = {_slug(r.metric): {k: round(float(getattr(r, k)), 4) for k in interval} for r in mean.itertuples()}
+    reads = headline[(headline["part"] == "reading") & (headline["who"] == "describer")]
+    sets: dict[str, dict] = {}
+    for r in reads.itertuples():
+        sets.setdefault(_slug(r.set), {})[_slug(r.metric)] = round(float(r.estimate), 4)
+    return {"main_result": rows, "heldout_domain_folds": fold_rows, "sets_seed0": sets}
