@@ -79,9 +79,7 @@ def fold_table(folds: Mapping[str, pd.DataFrame], n_boot: int = 1000, seed: int 
                 "high": high,
                 "n": int(sum(map(len, parts))),
                 "n_clusters": len(parts),
-                "ci": stats.WILSON
-                if stats.is_binary(np.concatenate(parts)) and min(est, 1 - est) <= stats.NEAR
-                else stats.STRATIFIED,
+                "ci": stats.WILSON if stats.near_edge(np.concatenate(parts), est) else stats.STRATIFIED,
                 "excluded": 0,
             }
         )

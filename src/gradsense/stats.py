@@ -102,6 +102,17 @@ def is_binary(values: np.ndarray) -> bool:
     return bool(np.isin(values, (0.0, 1.0)).all())
 
 
+def near_edge(values: np.ndarray, estimate: float) -> bool:
+    """Whether a rate gets a Wilson interval: 0/1 values whose estimate lies within NEAR of 0 or 1."""
+    return len(values) > 0 and is_binary(values) and min(estimate, 1 - estimate) <= NEAR
+
+
+def _wilson_around(estimate: float, n: int, level: float) -> tuple[float, float]:
+    """The Wilson interval of a rate `estimate` over `n` units, widened to hold the estimate."""
+    low, high = wilson_interval(round(estimate * n), n, level)
+    return min(low, estimate), max(high, estimate)
+
+
 def rate_interval(
     values: Sequence[float] | np.ndarray,
     clusters: Sequence | np.ndarray | None = None,
@@ -114,11 +125,11 @@ def rate_interval(
     v = np.asarray(values, dtype=float)
     codes = _codes(len(v), clusters)
     n_clusters = int(codes.max()) + 1 if len(v) else 0
-    estimate, low, high = cluster_bootstrap(v, codes, n_boot, level, seed)
-    method = BOOTSTRAP if clusters is None or n_clusters == len(v) else CLUSTER_BOOTSTRAP
-    if len(v) and is_binary(v) and min(estimate, 1 - estimate) <= NEAR:
-        low, high = wilson_interval(round(estimate * n_clusters), n_clusters, level)
-        low, high, method = min(low, estimate), max(high, estimate), WILSON
+    if len(v) and near_edge(v, float(v.mean())):
+        estimate, (low, high), method = float(v.mean()), _wilson_around(float(v.mean()), n_clusters, level), WILSON
+    else:
+        estimate, low, high = cluster_bootstrap(v, codes, n_boot, level, seed)
+        method = BOOTSTRAP if clusters is None or n_clusters == len(v) else CLUSTER_BOOTSTRAP
     return {"estimate": estimate, "low": low, "high": high, "n": len(v), "n_clusters": n_clusters, "ci": method}
 
 
@@ -169,10 +180,8 @@ def mean_over_folds(
     if not samples or any(len(s) == 0 for s in samples):
         return (float("nan"),) * 3
     estimate = float(np.mean([s.mean() for s in samples]))
-    n = sum(map(len, samples))
-    if all(is_binary(s) for s in samples) and min(estimate, 1 - estimate) <= NEAR:
-        low, high = wilson_interval(round(estimate * n), n, level)
-        return estimate, min(low, estimate), max(high, estimate)
+    if near_edge(np.concatenate(samples), estimate):
+        return estimate, *_wilson_around(estimate, sum(map(len, samples)), level)
     if all(np.ptp(s) == 0 for s in samples):
         return estimate, estimate, estimate
     return _percentile(tuple(samples), _mean_of_means, estimate, n_boot, level, seed)
