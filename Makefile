@@ -41,9 +41,13 @@ test-unit: venv  ## the tests that need no data/ (tiny random Llama)
 	pytest -q tests -m "not integration"
 
 test-notebooks: data  ## run every pipeline notebook in order with its default (ci) parameters under nbval, in build/nbtest
-	rm -rf $(NBTEST) && mkdir -p $(NBTEST)/notebooks
-	cp notebooks/[0-9][0-9]_*.ipynb notebooks/explore.ipynb $(NBTEST)/notebooks/  # explore runs last: it reads 04's checkpoint
+	rm -rf $(NBTEST) && mkdir -p $(NBTEST)/notebooks $(NBTEST)/later
+	cp notebooks/0[0-6]_*.ipynb $(NBTEST)/notebooks/
+	cp notebooks/0[7-9]_*.ipynb notebooks/explore.ipynb $(NBTEST)/later/  # explore runs last: it reads 04's checkpoint
 	pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(NBTEST)/notebooks
+	gradsense run --root $(NBTEST) --params params-ci.yaml  # the ci preset's trainings (dvc: one training@<key> each)
+	mv $(NBTEST)/later/*.ipynb $(NBTEST)/notebooks/ && rmdir $(NBTEST)/later
+	pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(NBTEST)/notebooks/0[7-9]_*.ipynb $(NBTEST)/notebooks/explore.ipynb
 
 determinism: data  ## the ci preset twice at once: under nbval and by `dvc repro`; every result table must be byte-identical
 	@mkdir -p build
@@ -55,6 +59,9 @@ determinism: data  ## the ci preset twice at once: under nbval and by `dvc repro
 	 if [ $$ci_rc -ne 0 ]; then tail -n 40 build/paper-ci.log; echo "dvc repro of the ci preset failed (build/paper-ci.log)"; exit 1; fi
 	python scripts/compare_results.py $(NBTEST)/results $(CI_RUN)/results
 	cd $(CI_RUN) && dvc status --quiet  # the dvc run is complete: nothing left to reproduce
+	python scripts/check_instances.py $(CI_RUN)  # one run's params changed: only its training@<key> instance retrains
+	rm -rf build/sweep && cp -a $(CI_RUN) build/sweep
+	python scripts/check_sweep.py build/sweep  # a two-point sweep as queued DVC experiments, both in `dvc exp show`
 	@# the real page in headless Chromium (images load, links resolve, no errors); .ci/run installs Chromium, and
 	@# under CI a missing browser or screenshot fails, elsewhere the check is skipped with one line
 	@if command -v chromium > /dev/null || [ -n "$$CI" ]; then \

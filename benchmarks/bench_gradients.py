@@ -31,6 +31,7 @@ from gradsense.models import load_model
 from gradsense.report import save_json
 from gradsense.scoring import encode, forward, target_nll, target_text
 from gradsense.seeding import seed_everything
+from gradsense.timing import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,8 @@ def main() -> None:
         position="last",
         repeats=args.repeats,
         statistic="median over repeats",
-        machine={
+        machine=machine_info()
+        | {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),

@@ -1,38 +1,46 @@
-"""Wall time and peak memory of every pipeline stage, for the `ci` preset and/or the full CPU paper.
+"""Wall time and peak memory of every pipeline stage and training instance, for the `ci` preset and/or the full paper.
 
 Usage: python benchmarks/bench_pipeline.py [--ci] [--full]
   --ci    runs `make paper-ci` (the whole pipeline on params-ci.yaml in build/ci) and times it
-  --full  reads the stage records of the last `make paper` / `dvc repro` in results/ (run that first)
-Writes results/bench/pipeline.json (per-stage wall_s and peak_rss_gb from each stage's stage_run.json).
+  --full  reads the timing records of the last `make paper` / `dvc repro` in results/timing/ (run that first)
+Writes results/bench/pipeline.json: per stage (and per `training@<key>` instance) wall_s and peak_rss_gb, the total
+stage time, the largest peak, and the machine (CPU model, matrix flags, threads, precision) each record was made on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from gradsense.timing import machine_info, read_timings  # noqa: E402
 
 
 def stage_records(root: Path) -> dict:
-    """Per-stage records (stage_run.json) of a pipeline run under `root/results`, in dvc.yaml order."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    records = {}
-    for name in stages:
-        path = root / "results" / name / "stage_run.json"
-        if path.is_file():
-            records[name] = json.loads(path.read_text())
+    """Per-stage and per-run timing records of a pipeline run under `root/results/timing`, and their totals."""
+    records = {
+        name: {k: v for k, v in record.items() if k != "machine"} | {"cpu": record["machine"]["cpu"]}
+        for name, record in read_timings(root).items()
+        if "wall_s" in record
+    }
     total = sum(r["wall_s"] for r in records.values())
-    peak = max((r["peak_rss_gb"] for r in records.values()), default=float("nan"))
-    return {"stages": records, "total_stage_wall_s": round(total, 1), "max_peak_rss_gb": peak}
+    peak = max((r.get("peak_rss_gb", 0.0) for r in records.values()), default=float("nan"))
+    runs = sum(r["wall_s"] for name, r in records.items() if name.startswith("run_"))
+    machines = sorted({r["cpu"] for r in records.values()})
+    return {
+        "stages": records,
+        "total_stage_wall_s": round(total, 1),
+        "training_instances_wall_s": round(runs, 1),
+        "max_peak_rss_gb": peak,
+        "cpus_recorded": machines,
+    }
 
 
 def main() -> None:
@@ -42,12 +50,8 @@ def main() -> None:
     args = parser.parse_args()
     out_path = ROOT / "results" / "bench" / "pipeline.json"
     report = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    report["machine"] = {
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    machine = machine_info()
+    report["machine"] = machine | {"platform": platform.platform(), "cuda": machine["gpu"]}  # the earlier keys kept
     if args.ci:
         start = time.perf_counter()
         subprocess.run(["make", "--no-print-directory", "paper-ci"], cwd=ROOT, check=True)

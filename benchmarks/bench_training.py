@@ -25,6 +25,7 @@ from gradsense.files import write_text
 from gradsense.inputs import contexts_path, read_contexts
 from gradsense.paths import Paths
 from gradsense.prompt import encode_interpretations
+from gradsense.timing import machine_info, timing_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,9 +102,8 @@ def main() -> None:
     pool = contexts.loc[contexts["pool"] == "neutral", "text"].tolist()
     runs = [bench(model, tokenizer, p, settings, args.steps, batch, pool) for p in ("fp32", "bf16")]
     report = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+        "machine": machine_info()
+        | {
             "platform": platform.platform(),
             "device": str(next(model.parameters()).device),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -115,7 +115,7 @@ def main() -> None:
         "runs": runs,
         "bf16_speedup": runs[0]["seconds_per_step"] / runs[1]["seconds_per_step"],
     }
-    pipeline_timing = Paths(ROOT).results("train") / "timing.json"
+    pipeline_timing = timing_path(ROOT, "train")
     if pipeline_timing.is_file():
         report["pipeline_train_stage"] = json.loads(pipeline_timing.read_text())
     out = Paths(ROOT).results("bench") / "training.json"

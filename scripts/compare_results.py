@@ -1,21 +1,19 @@
 """Compare the result tables (CSV) of two pipeline runs; exit 1 and list the differences if any differ.
 
 Usage: python scripts/compare_results.py RESULTS_A RESULTS_B
-Volatile files are skipped by name: timings and memory (resources.csv, *.json) and executed notebooks.
+Only CSV tables are compared: timings and memory (results/timing/*.json) and executed notebooks are not.
 """
 
 import sys
 from pathlib import Path
 
-VOLATILE = {"resources.csv"}
-
 
 def tables(root: Path) -> dict[str, bytes]:
-    """Every CSV under a results folder, by relative path (bench/ and volatile tables excluded)."""
+    """Every CSV under a results folder, by relative path (bench/ excluded)."""
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
         for p in sorted(root.rglob("*.csv"))
-        if p.name not in VOLATILE and p.relative_to(root).parts[0] != "bench"
+        if p.relative_to(root).parts[0] != "bench"
     }
 
 

@@ -8,6 +8,7 @@ from gradsense.errors import GradsenseError
 from gradsense.gradients import (
     activation_gradients,
     final_token_activations,
+    resolve_layer,
     resolve_layers,
     steering_vectors,
     target_loss,
@@ -155,6 +156,10 @@ def test_resolve_layers():
     for bad in ([], [30], [1.5], [0.5, 15], ["x"]):
         with pytest.raises(GradsenseError):
             resolve_layers(model, bad)
+    # one layer (the train stage's source and injection blocks): the same fraction lands at the same depth of any model
+    shallow, _ = tiny_llama(seed=0, n_layers=24, d_model=32)
+    assert [resolve_layer(m, 0.5) for m in (model, shallow)] == [15, 12] and resolve_layer(model, 22) == 22
+    assert resolve_layer(model, None) is None
 
 
 def test_bad_input_raises_one_clear_error(tiny):

@@ -108,6 +108,8 @@ def test_headline_metrics_are_flat_numbers_keyed_for_dvc():
         [
             {"group": "main result", "condition": "pooled", "metric": "answer recall", "estimate": 0.6, **row},
             {"group": "controls", "condition": "noise", "metric": "answer recall", "estimate": 0.0, **row},
+            {"group": "ablation", "condition": "MLP projector", "metric": "answer recall", "estimate": 0.4, **row},
+            {"group": "ablation", "condition": "MLP projector", "metric": "decoupling leakage", "estimate": 0.1, **row},
         ]
     )
     folds = pd.DataFrame([{"fold": "mean over folds", "metric": "domain forced choice", "estimate": 0.1, **row}])
@@ -127,5 +129,6 @@ def test_headline_metrics_are_flat_numbers_keyed_for_dvc():
     assert got["main_result"] == {"answer_recall": {"estimate": 0.6, "low": 0.5, "high": 0.7}}
     assert got["heldout_domain_folds"]["domain_forced_choice"]["estimate"] == 0.1
     assert got["sets_seed0"] == {"test_subjects": {"from_recall": 0.25}}
+    assert got["ablations"] == {"mlp_projector": {"answer_recall": 0.4}}
     with pytest.raises(GradsenseError, match="no main-result rows"):
         headline_metrics(long.iloc[1:], folds, headline)

@@ -5,14 +5,16 @@ from pathlib import Path
 
 import yaml
 
-from gradsense.paths import ARTIFACTS, READS, STAGES, Paths, producer
+from gradsense.paths import ARTIFACTS, READS, RUN_STAGE, STAGES, Paths, producer
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+ALL = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+DVC = {name: spec for name, spec in ALL.items() if name != RUN_STAGE}  # the notebook stages
+ORDER = [*STAGES[: STAGES.index("ablations")], RUN_STAGE, *STAGES[STAGES.index("ablations") :]]
 
 
 def test_every_stage_is_in_dvc_yaml_in_order_and_runs_its_notebook():
-    assert list(DVC) == list(STAGES)
+    assert list(ALL) == ORDER
     for stage, spec in DVC.items():
         assert spec["cmd"] == f"gradsense papermill {stage}"
         assert spec["outs"][0] == f"results/{stage}"
@@ -21,7 +23,8 @@ def test_every_stage_is_in_dvc_yaml_in_order_and_runs_its_notebook():
 
 
 def test_every_stage_depends_on_the_whole_package():
-    for stage, spec in DVC.items():
+    for stage, spec in ALL.items():
+        spec = spec.get("do", spec)
         assert "src/gradsense" in spec["deps"], stage
         assert not [d for d in spec["deps"] if d.startswith("src/") and d != "src/gradsense"], stage
 
@@ -34,8 +37,28 @@ def test_dvc_results_deps_are_exactly_the_artifacts_the_stage_reads():
             continue
         assert deps == {ARTIFACTS[name] for name in READS[stage]}, stage
         for name in READS[stage]:  # an artifact is read only after the stage that writes it
-            assert STAGES.index(producer(name)) < STAGES.index(stage)
-            assert f"results/{producer(name)}" in DVC[producer(name)]["outs"]
+            assert ORDER.index(producer(name)) < ORDER.index(stage)
+            outs = ALL[producer(name)].get("do", ALL[producer(name)])["outs"]
+            assert ARTIFACTS[name].startswith(outs[0].split("/${key}")[0]), name
+
+
+def test_the_training_instances_read_their_artifacts_and_write_one_folder_each():
+    spec = ALL[RUN_STAGE]
+    assert spec["foreach"] == "${runs}"  # one instance per params.yaml `runs:` entry
+    do = spec["do"]
+    assert do["cmd"] == "gradsense run ${key}" and do["outs"] == ["results/runs/${key}"]
+    assert {d for d in do["deps"] if d.startswith("results/")} == {ARTIFACTS[n] for n in READS[RUN_STAGE]}
+    assert "src/gradsense" in do["deps"] and "runs.${key}" in do["params"]
+    assert "runs" in READS["ablations"] and "runs" in DVC["ablations"]["params"]
+
+
+def test_wall_times_are_uncached_metrics_outside_every_cached_output():
+    for stage, spec in ALL.items():
+        do = spec.get("do", spec)
+        (metrics,) = do["metrics"]
+        (path, options) = next(iter(metrics.items()))
+        assert path.startswith("results/timing/") and options == {"cache": False}, stage
+        assert not any(path.startswith(out.split("${")[0]) for out in do["outs"] if isinstance(out, str)), stage
 
 
 def test_notebooks_reach_artifacts_only_through_paths():

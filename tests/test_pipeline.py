@@ -9,6 +9,7 @@ import yaml
 
 from gradsense import GradsenseError
 from gradsense.pipeline import notebook_for, run_stage, stage_parameters
+from gradsense.runs import ROLES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,13 @@ def test_stage_parameters_merge_shared_and_section(tmp_path):
         notebook_for("other", root)
 
 
+def test_stage_parameters_give_the_collector_its_runs(tmp_path):
+    params = {"seed": 0, "ablations": {"n_boot": 9}, "runs": {"seed_1": {"role": "seed", "seed": 1}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    merged = stage_parameters("ablations", tmp_path / "params.yaml")
+    assert merged["n_boot"] == 9 and merged["runs"] == params["runs"]
+
+
 def test_run_stage_passes_params_and_writes_outputs(tmp_path):
     body = (
         "import json, pathlib\npathlib.Path('../results/demo/out.json').write_text(json.dumps([seed, model_name, x]))"
@@ -44,6 +52,15 @@ def test_run_stage_passes_params_and_writes_outputs(tmp_path):
     executed = run_stage("demo", root)
     assert executed.is_file()
     assert json.loads((root / "results" / "demo" / "out.json").read_text()) == [5, "m", 3]
+    # the clock goes to results/timing/demo.json, with the machine; the executed notebook keeps no clock reading
+    timing = json.loads((root / "results" / "timing" / "demo.json").read_text())
+    notebook = nbformat.read(executed, as_version=4)
+    assert timing["wall_s"] > 0 and timing["machine"]["cpus"] >= 1 and timing["stage"] == "demo"
+    assert "duration" not in notebook.metadata["papermill"] and notebook.metadata["papermill"]["parameters"]["x"] == 3
+    assert not [c for c in notebook.cells if {"start_time", "duration"} & set(c.metadata.get("papermill", {}))]
+    first = executed.read_bytes()
+    run_stage("demo", root)  # the same stage again: the same executed notebook, byte for byte
+    assert executed.read_bytes() == first
 
 
 def test_failed_stage_leaves_no_outputs_and_one_line_error(tmp_path):
@@ -54,9 +71,12 @@ def test_failed_stage_leaves_no_outputs_and_one_line_error(tmp_path):
     assert not (root / "results" / "demo").exists()
 
 
+def _notebook_stages() -> dict:
+    return {k: v for k, v in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items() if "foreach" not in v}
+
+
 def test_every_dvc_stage_is_a_papermill_notebook_with_parameters_cell():
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
+    for name, stage in _notebook_stages().items():
         assert stage["cmd"] == f"gradsense papermill {name}"
         notebook = notebook_for(name, ROOT)
         assert f"notebooks/{notebook.name}" in stage["deps"]
@@ -68,7 +88,10 @@ def test_notebook_defaults_equal_the_ci_preset():
     """The `parameters` cell of each stage's notebook is the `ci` preset, so nbval runs exactly that preset."""
     ci = yaml.safe_load((ROOT / "params-ci.yaml").read_text())
     full = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for name in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
+    ci_roles, full_roles = ({k: v["role"] for k, v in p["runs"].items()} for p in (ci, full))
+    assert set(full_roles.values()) == set(ROLES) and set(ci_roles.values()) == set(ROLES) - {"reference"}
+    assert all(ci_roles[k] == full_roles[k] for k in ci_roles.keys() & full_roles.keys())
+    for name in _notebook_stages():
         assert set(ci[name] or {}) == set(full[name] or {}), f"{name}: params.yaml and params-ci.yaml keys differ"
         cell = next(
             c

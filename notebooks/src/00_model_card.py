@@ -1,6 +1,6 @@
 # %% [markdown]
 # # 00 · Model card
-# Loads the model under study, records its architecture, load time and peak memory, and checks how well it
+# Loads the model under study, records its architecture (load time and peak memory go to `results/timing/`), and checks how well it
 # answers a small set of fact prompts across domains (probability of the right answer, whether greedy decoding
 # gives it, and whether it beats a plausible wrong answer). Outputs: `results/model_card/`, `figures/model_card/`.
 
@@ -13,7 +13,6 @@ batch_size = 32
 
 # %%
 import json
-import resource
 import time
 
 import matplotlib.pyplot as plt
@@ -26,6 +25,7 @@ from gradsense.models import architecture, resolve_device
 from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.seeding import seed_everything
+from gradsense.timing import peak_rss_gb, save_timing
 
 paths = Paths("..")
 RESULTS, FIGURES = paths.results("model_card"), paths.figures("model_card")
@@ -36,18 +36,12 @@ start = time.perf_counter()
 model, tokenizer = gradsense.load_model(model_name, device=device)
 load_s = time.perf_counter() - start
 card = architecture(model)
-card.update(
-    model=model_name or "SmolLM2-135M-Instruct (GGUF Q4_1, data/)",
-    device=str(resolve_device(device)),
-    load_s=round(load_s, 2),
-    peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-)
+card.update(model=model_name or "SmolLM2-135M-Instruct (GGUF Q4_1, data/)", device=str(resolve_device(device)))
 save_json(card, RESULTS / "model_card.json")
-# Timings and memory vary run to run: they go to their own table so the architecture table is reproducible.
-volatile = ["load_s", "peak_rss_gb", "device"]
+# Timings and memory vary run to run: they go to results/timing/, so the card and its table are reproducible.
+save_timing(paths.root, "model_card", {"load_s": round(load_s, 2), "load_peak_rss_gb": peak_rss_gb()})
 as_rows = lambda d: pd.DataFrame([d]).T.reset_index().set_axis(["property", "value"], axis=1).astype(str)  # noqa: E731
-save_table(as_rows({k: v for k, v in card.items() if k not in volatile}), RESULTS, "architecture")
-save_table(as_rows({k: card[k] for k in volatile}), RESULTS, "resources")
+save_table(as_rows(card), RESULTS, "architecture")
 card
 
 # %%

@@ -2,7 +2,8 @@
 # # 04 · Train the describer
 # A projector maps each item's activation gradient g (output of block `source_layer`, last prompt position) to k
 # vectors that are added at the k placeholder tokens (" ?") of an interpretation prompt, at the output of block
-# `inject_layer`; the model (frozen, unless `lora_rank` > 0) is trained through the projector to say the oracle's
+# `inject_layer` (either layer a block index or a depth fraction in [0, 1), floored: 0.5 is block 15 of 30 and block
+# 12 of 24, so `model.name` alone switches the model); the model (frozen, unless `lora_rank` > 0) is trained through the projector to say the oracle's
 # label head for that gradient (`domain: … | from: … | to: …`; the loss is on the values and the tokens that end
 # them). A share `control_share` of every batch gets norm-matched noise or no injection with the fixed "no pressure"
 # label, and a share `context_share` of the rows reads a passage before the question: neutral text or statements of
@@ -20,7 +21,7 @@ seed = 0
 model_name = None
 device = "auto"
 source_layer = None
-inject_layer = 15
+inject_layer = 0.5
 k = 4
 mode = "norm"
 kind = "linear"
@@ -52,7 +53,7 @@ import seaborn as sns
 import gradsense
 from gradsense.checkpoint import load_describer, read_meta, save_checkpoint
 from gradsense.describer import DescriberConfig
-from gradsense.gradients import extracted_layer
+from gradsense.gradients import extracted_layer, resolve_layer
 from gradsense.inputs import (
     contexts_path,
     load_stage_inputs,
@@ -64,6 +65,7 @@ from gradsense.passages import training_passages
 from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.seeding import seed_everything
+from gradsense.timing import save_timing
 from gradsense.training import TrainConfig, planned_steps, train_projector
 
 paths = Paths("..")
@@ -79,7 +81,10 @@ rng = seed_everything(seed)
 stage = load_stage_inputs(paths)
 contexts = read_contexts(contexts_path())
 neutral = contexts.loc[contexts["pool"] == "neutral", "text"].tolist()
-layer = extracted_layer(stage.arrays["layers"], source_layer)
+model, tokenizer = gradsense.load_model(model_name, device=device)
+# layers may be depth fractions (0.5 = the middle block of any model) or block indices; the checkpoint records blocks
+layer = extracted_layer(stage.arrays["layers"], resolve_layer(model, source_layer))
+inject_layer = resolve_layer(model, inject_layer)
 grads = stage.vectors("grads", layer)
 train_items, val_pool = training_items(stage.items, heldout_domain)
 val_set = validation_set(val_pool, val_items)
@@ -99,7 +104,6 @@ summary
 # ## Train
 
 # %%
-model, tokenizer = gradsense.load_model(model_name, device=device)
 config = DescriberConfig(
     source_layer=layer,
     inject_layer=inject_layer,
@@ -145,24 +149,18 @@ save_checkpoint(
         "heldout_domain": heldout_domain,
         "trained_domains": sorted(train_items["domain"].unique()),
         "n_train_items": len(train_items),
-        "train_seconds": round(train_s, 1),
     },
 )
-save_table(
-    curve.drop(columns="seconds"), RESULTS, "training_curve"
-)  # timings go to timing.json: the table stays reproducible
-timing = {
-    "train_seconds": train_s,
-    "seconds_per_step": float(curve["seconds"].median()),
-    "steps": n_steps,
-    "epochs": epochs,
-    "batch_size": batch_size,
-    "inject_layer": inject_layer,
-    "source_layer": layer,
-    **describer.meta.get("selection", {}),  # selected_step, selected_val_loss: the step chosen on validation
-}
-save_json(timing, RESULTS / "timing.json")
-timing
+save_table(curve.drop(columns="seconds"), RESULTS, "training_curve")  # timings go to results/timing/
+selected = describer.meta.get("selection", {})  # selected_step, selected_val_loss: the step chosen on validation
+save_json({"steps": n_steps, "epochs": epochs, "batch_size": batch_size, **selected}, RESULTS / "training.json")
+seconds_per_step = float(curve["seconds"].median())
+save_timing(
+    paths.root,
+    "train",
+    {"train_seconds": round(train_s, 2), "seconds_per_step": seconds_per_step, "precision": precision},
+)
+selected
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -211,4 +209,4 @@ quarter = max(1, n_steps // 4)
 first, last = curve["loss"].iloc[:quarter].mean(), curve["loss"].iloc[-quarter:].mean()
 assert last < first, (first, last)  # training lowered the loss
 assert (FIGURES / "training_curve.png").is_file() and (RESULTS / "training_curve.csv").is_file()
-print(f"loss {first:.3f} → {last:.3f} (first/last quarter), {timing['seconds_per_step']:.2f} s/step")
+print(f"loss {first:.3f} → {last:.3f} (first/last quarter), {seconds_per_step:.2f} s/step")

@@ -105,7 +105,7 @@ shares = paper.fact_answer_shares(answers)
 show(
     accuracy,
     f"Probe facts answered by {card['model']}: {card['n_layers']} blocks, d = {card['d_model']}, "
-    f"{card['n_parameters'] / 1e6:.0f} M parameters, loaded in {card['load_s']} s on {card['device']}. "
+    f"{card['n_parameters'] / 1e6:.0f} M parameters, on {card['device']}. "
     f"Right answer more likely than a plausible wrong one for {shares['right_beats_wrong']:.0%} of "
     f"{len(answers)} facts; greedy decoding gives it for {shares['greedy_right']:.0%}.",
 )

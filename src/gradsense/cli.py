@@ -15,6 +15,12 @@ def _papermill(args: argparse.Namespace) -> None:
     print(run_stage(args.stage, Path(args.root), Path(args.params) if args.params else None))
 
 
+def _run(args: argparse.Namespace) -> None:
+    from gradsense.runs import run_instances
+
+    run_instances(args.keys or None, Path(args.root), Path(args.params) if args.params else None)
+
+
 def _fetch_data(args: argparse.Namespace) -> None:
     from gradsense.data import fetch_data
 
@@ -66,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--root", default=".", help="project root (default: current folder)")
     stage.add_argument("--params", default=None, help="params file (default: <root>/params.yaml)")
     stage.set_defaults(func=_papermill)
+
+    run = sub.add_parser("run", help="train and score runs of params.yaml's runs: (used by dvc.yaml's training@<key>)")
+    run.add_argument("keys", nargs="*", help="the runs (default: every run, in one process)")
+    run.add_argument("--root", default=".", help="project root (default: current folder)")
+    run.add_argument("--params", default=None, help="params file (default: <root>/params.yaml)")
+    run.set_defaults(func=_run)
 
     fetch = sub.add_parser("fetch-data", help="rebuild data/ from its pinned sources and verify it against data.dvc")
     fetch.add_argument("--root", default=".", help="project root (default: current folder)")

@@ -83,6 +83,11 @@ def resolve_layers(model: nn.Module, spec: int | float | Sequence[int | float]) 
     return layers
 
 
+def resolve_layer(model: nn.Module, spec: int | float | None) -> int | None:
+    """One block index from a block index or a depth fraction (`resolve_layers`); None stays None (the default)."""
+    return None if spec is None else resolve_layers(model, spec)[0]
+
+
 def extracted_layer(layers: Sequence[int], wanted: int | None = None, role: str = "source") -> int:
     """The block a later stage reads (`role` names it in errors): `wanted`, which must be one of the extracted
     `layers`, or when None the middle extracted layer, `layers[len(layers) // 2]` (the 2nd of 3 depths)."""

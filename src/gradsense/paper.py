@@ -123,6 +123,9 @@ def methods_table(headline: pd.DataFrame, long: pd.DataFrame, folds: pd.DataFram
     return pd.concat([p[METHODS_COLUMNS] for p in parts], ignore_index=True)
 
 
+ABLATION_METRICS = ("domain accuracy", "answer recall")  # per ablation in the metrics file
+
+
 def _slug(text: str) -> str:
     """A metric name as a DVC metrics key: lower case, words joined by underscores."""
     return "_".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
@@ -130,8 +133,9 @@ def _slug(text: str) -> str:
 
 def headline_metrics(long: pd.DataFrame, folds: pd.DataFrame, headline: pd.DataFrame) -> dict:
     """The paper's headline numbers as a flat, nested dict for `dvc metrics show/diff`: the pooled main result
-    (estimate, low, high per core metric), the held-out-domain mean over folds, and the describer's domain accuracy
-    and answer recall on every evaluation set (seed 0)."""
+    (estimate, low, high per core metric), the held-out-domain mean over folds, the describer's domain accuracy
+    and answer recall on every evaluation set (seed 0), and every ablation's domain accuracy and answer recall (so a
+    sweep over one variant's settings shows in `dvc exp show`)."""
     pooled = long[long["group"] == "main result"]
     if pooled.empty:
         raise GradsenseError("the main table has no main-result rows")
@@ -143,4 +147,7 @@ def headline_metrics(long: pd.DataFrame, folds: pd.DataFrame, headline: pd.DataF
     sets: dict[str, dict] = {}
     for r in reads.itertuples():
         sets.setdefault(_slug(r.set), {})[_slug(r.metric)] = round(float(r.estimate), 4)
-    return {"main_result": rows, "heldout_domain_folds": fold_rows, "sets_seed0": sets}
+    ablations: dict[str, dict] = {}
+    for r in long[(long["group"] == "ablation") & long["metric"].isin(ABLATION_METRICS)].itertuples():
+        ablations.setdefault(_slug(r.condition), {})[_slug(r.metric)] = round(float(r.estimate), 4)
+    return {"main_result": rows, "heldout_domain_folds": fold_rows, "sets_seed0": sets, "ablations": ablations}

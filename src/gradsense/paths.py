@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STAGES = ("model_card", "corrections", "gradients", "oracle", "train", "evaluate", "controls", "ablations", "paper")
+RUN_STAGE = "training"  # the foreach stage of dvc.yaml: one describer training per params.yaml `runs:` entry
 
 # The artifacts one stage hands to later ones, relative to the repository root (the stage's folder is results/<stage>).
 ARTIFACTS = {
@@ -17,6 +18,7 @@ ARTIFACTS = {
     "decoupling_items": "results/evaluate/decoupling_items.csv",
     "controls": "results/controls/controls.csv",
     "controls_items": "results/controls/controls_items.csv",
+    "runs": "results/runs",  # one folder per training@<key> instance (gradsense.runs)
 }
 
 # Which artifacts each stage reads (its `results/` deps in dvc.yaml; the paper stage reads every stage's folders).
@@ -28,6 +30,15 @@ READS = {
     "train": ("corrections", "gradients", "labels"),
     "evaluate": ("corrections", "gradients", "labels", "checkpoint"),
     "controls": ("corrections", "gradients", "labels", "checkpoint", "descriptions", "decoupling_items"),
+    RUN_STAGE: (
+        "corrections",
+        "gradients",
+        "labels",
+        "checkpoint",
+        "descriptions",
+        "decoupling_items",
+        "controls_items",
+    ),
     "ablations": (
         "corrections",
         "gradients",
@@ -37,14 +48,16 @@ READS = {
         "decoupling_items",
         "controls",
         "controls_items",
+        "runs",
     ),
     "paper": (),
 }
 
 
 def producer(artifact: str) -> str:
-    """The stage that writes an artifact (the folder after `results/`)."""
-    return ARTIFACTS[artifact].split("/")[1]
+    """The stage that writes an artifact (the folder after `results/`; results/runs: the training instances)."""
+    folder = ARTIFACTS[artifact].split("/")[1]
+    return RUN_STAGE if folder == "runs" else folder
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import resource
+import os
 import shutil
 import sys
 import time
@@ -11,9 +11,11 @@ from pathlib import Path
 import yaml
 
 from gradsense.errors import GradsenseError
-from gradsense.report import save_json
+from gradsense.timing import peak_rss_gb, save_timing, timing_path
 
 SHARED_KEYS = ("seed",)
+EXTRA_SECTIONS = {"ablations": ("runs",)}  # stages that also read other top-level sections (the collector: its runs)
+VOLATILE = ("start_time", "end_time", "duration")  # papermill's clock readings, kept out of the executed notebook
 HTML_STAGES = ("paper",)  # stages whose executed notebook is also exported as an HTML report (code hidden)
 SCREENSHOT = "page.png"  # the HTML report's full-page screenshot beside it, kept when Chromium is installed
 
@@ -38,7 +40,27 @@ def stage_parameters(stage: str, params_file: Path) -> dict:
     merged["model_name"] = model.get("name")
     merged["device"] = model.get("device", "auto")
     merged.update(params[stage] or {})
+    for section in EXTRA_SECTIONS.get(stage, ()):
+        merged[section] = params.get(section) or {}
     return merged
+
+
+def strip_clock(notebook: Path) -> None:
+    """Remove papermill's start/end times and durations, and its random id of the parameters cell, from an executed
+    notebook: the same run gives the same notebook (its wall time is in results/timing/)."""
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+    for cell in nb.cells:
+        record = cell.metadata.get("papermill", {})
+        for key in VOLATILE:
+            record.pop(key, None)
+        cell.metadata.pop("execution", None)
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.id = "injected-parameters"  # papermill gives the cell it adds a random id
+    for key in (*VOLATILE, "input_path", "output_path"):
+        nb.metadata.get("papermill", {}).pop(key, None)
+    nbformat.write(nb, notebook)
 
 
 def export_html(notebook: Path, html: Path) -> Path:
@@ -86,9 +108,11 @@ def run_stage(stage: str, root: Path = Path("."), params_file: Path | None = Non
     outputs = [root / "results" / stage, root / "figures" / stage]
     for folder in outputs:
         shutil.rmtree(folder, ignore_errors=True)
+    timing_path(root, stage).unlink(missing_ok=True)
     (root / "results" / stage).mkdir(parents=True)
     executed = root / "results" / stage / notebook.name
     start = time.perf_counter()
+    os.environ["TQDM_DISABLE"] = "1"  # the kernel inherits it: no progress bars (with their rates) in the notebook
     try:
         papermill.execute_notebook(
             str(notebook),
@@ -102,15 +126,15 @@ def run_stage(stage: str, root: Path = Path("."), params_file: Path | None = Non
     except papermill.PapermillExecutionError as exc:
         for folder in outputs:  # nothing half-written is left looking valid
             shutil.rmtree(folder, ignore_errors=True)
+        timing_path(root, stage).unlink(missing_ok=True)
         raise GradsenseError(
             f"stage {stage} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}".splitlines()[0]
         ) from None
     if stage in HTML_STAGES:  # the page, and its screenshot where Chromium is (a PNG: never byte-compared)
         keep_screenshot(export_html(executed, executed.with_suffix(".html")), executed.parent / SCREENSHOT)
-    # The kernel is a reaped child process, so RUSAGE_CHILDREN holds its peak resident memory (KiB on Linux).
-    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    save_json(
-        {"stage": stage, "wall_s": round(time.perf_counter() - start, 2), "peak_rss_gb": round(peak_gb, 3)},
-        root / "results" / stage / "stage_run.json",
-    )
+    strip_clock(executed)
+    # The kernel is a reaped child process, so RUSAGE_CHILDREN holds its peak resident memory; the record joins what
+    # the notebook itself timed (results/timing/<stage>.json), outside the stage's cached outputs.
+    record = {"stage": stage, "wall_s": round(time.perf_counter() - start, 2), "peak_rss_gb": peak_rss_gb(True)}
+    save_timing(root, stage, record)
     return executed
