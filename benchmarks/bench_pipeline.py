@@ -43,6 +43,22 @@ def stage_records(root: Path) -> dict:
     }
 
 
+def markdown_table(records: dict) -> str:
+    """Where the time goes: one row per stage (the training instances summed on one row), share of the total."""
+    stages = records["stages"]
+    total = records["total_stage_wall_s"] or 1.0
+    runs = {k: v for k, v in stages.items() if k.startswith("run_")}
+    rows = [(k, v["wall_s"], v.get("peak_rss_gb", 0.0)) for k, v in stages.items() if k not in runs]
+    if runs:
+        peak = max(v.get("peak_rss_gb", 0.0) for v in runs.values())
+        rows.append((f"training@* ({len(runs)} instances)", sum(v["wall_s"] for v in runs.values()), peak))
+    lines = ["| stage | wall s | share | peak GB |", "|---|---:|---:|---:|"]
+    for name, wall, peak in sorted(rows, key=lambda r: -r[1]):
+        lines.append(f"| {name} | {wall:,.0f} | {wall / total:.0%} | {peak:.2f} |")
+    lines.append(f"| **total** | **{total:,.0f}** | | **{records['max_peak_rss_gb']:.2f}** |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ci", action="store_true")
@@ -63,6 +79,9 @@ def main() -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(json.dumps(report, indent=2, sort_keys=True))
+    for preset in ("ci", "full"):
+        if args.ci and preset == "ci" or args.full and preset == "full":
+            print(f"\n{preset}:\n{markdown_table(report[preset])}")
 
 
 if __name__ == "__main__":
