@@ -1,6 +1,6 @@
 """Re-run some stages of the ci preset against a reference run and compare their tables byte for byte.
 
-Usage: python scripts/check_stages.py REFERENCE STAGE [STAGE ...]
+Usage: python scripts/check_stages.py REFERENCE STAGE [STAGE ...]   (a training instance: training@<key>)
 REFERENCE is a finished ci run (e.g. build/ci-baseline, a copy of build/ci after `make paper-ci`). The stages run
 in a scratch copy (build/check-<stages>) whose other stages' results are the reference's, with today's notebooks
 (converted from notebooks/src/*.py by jupytext) and today's package; then each re-run stage's CSV tables are compared with the
@@ -14,8 +14,6 @@ from pathlib import Path
 
 import jupytext
 import nbformat
-
-from compare_results import VOLATILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,17 +42,18 @@ def main(reference: str, *stages: str) -> int:
     failed = 0
     for stage in stages:
         print(f"== {stage}", flush=True)
-        run = subprocess.run(["gradsense", "papermill", stage], cwd=scratch)
+        key = stage.split("@", 1)[1] if stage.startswith("training@") else None
+        command = ["gradsense", "run", key] if key else ["gradsense", "papermill", stage]
+        run = subprocess.run(command, cwd=scratch)
         if run.returncode:
             print(f"stage {stage} failed (exit {run.returncode})")
             failed += 1
             continue
-        new, old = scratch / "results" / stage, reference_dir / "results" / stage
+        folder = Path("runs") / key if key else Path(stage)
+        new, old = scratch / "results" / folder, reference_dir / "results" / folder
         names = sorted(
-            name
-            for name in {p.relative_to(old).as_posix() for p in old.rglob("*.csv")}
+            {p.relative_to(old).as_posix() for p in old.rglob("*.csv")}
             | {p.relative_to(new).as_posix() for p in new.rglob("*.csv")}
-            if Path(name).name not in VOLATILE
         )
         for name in names:
             a, b = old / name, new / name

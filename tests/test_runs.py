@@ -100,3 +100,12 @@ def test_run_names_an_unknown_run_before_loading_anything(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"runs": {"seed_1": {"role": "seed", "seed": 1}}}))
     with pytest.raises(GradsenseError, match="no run nope in the params file's runs: \\(have seed_1\\)"):
         run_instances(["nope"], tmp_path)
+
+
+def test_the_gpu_preset_has_the_full_presets_keys():
+    full, gpu = (yaml.safe_load((ROOT / p).read_text()) for p in ("params.yaml", "params-gpu.yaml"))
+    assert {k: set(v) if isinstance(v, dict) else None for k, v in full.items() if k != "runs"} == {
+        k: set(v) if isinstance(v, dict) else None for k, v in gpu.items() if k != "runs"
+    }
+    assert set(gpu["runs"]) == set(full["runs"]) and gpu["train"]["lora_rank"] > 0
+    run_specs(gpu["runs"])  # every run parses

@@ -233,6 +233,20 @@ class Describer:
         logits, labels_kept = self._label_logits(vectors, contexts, labels, max_label_tokens)
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels_kept.flatten(), ignore_index=-100)
 
+    def loss_terms(
+        self,
+        vectors: torch.Tensor | None,
+        contexts: Sequence[str | None],
+        labels: Sequence[str],
+        max_label_tokens: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy, number of trained tokens) of `loss`: one process's share of a batch split over
+        several (their sums over the batch's token count is the batch's `loss`)."""
+        logits, labels_kept = self._label_logits(vectors, contexts, labels, max_label_tokens)
+        flat = labels_kept.flatten()
+        total = nn.functional.cross_entropy(logits.flatten(0, 1), flat, ignore_index=-100, reduction="sum")
+        return total, (flat != -100).sum()
+
     @torch.no_grad()
     def label_logprobs(
         self,

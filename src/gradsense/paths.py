@@ -22,6 +22,14 @@ ARTIFACTS = {
 }
 
 # Which artifacts each stage reads (its `results/` deps in dvc.yaml; the paper stage reads every stage's folders).
+_SCORED = (  # what every stage after evaluate reads
+    "corrections",
+    "gradients",
+    "labels",
+    "checkpoint",
+    "descriptions",
+    "decoupling_items",
+)
 READS = {
     "model_card": (),
     "corrections": (),
@@ -29,27 +37,9 @@ READS = {
     "oracle": ("corrections", "gradients"),
     "train": ("corrections", "gradients", "labels"),
     "evaluate": ("corrections", "gradients", "labels", "checkpoint"),
-    "controls": ("corrections", "gradients", "labels", "checkpoint", "descriptions", "decoupling_items"),
-    RUN_STAGE: (
-        "corrections",
-        "gradients",
-        "labels",
-        "checkpoint",
-        "descriptions",
-        "decoupling_items",
-        "controls_items",
-    ),
-    "ablations": (
-        "corrections",
-        "gradients",
-        "labels",
-        "checkpoint",
-        "descriptions",
-        "decoupling_items",
-        "controls",
-        "controls_items",
-        "runs",
-    ),
+    "controls": _SCORED,  # the evaluate stage's scored items and decoupling plan
+    RUN_STAGE: (*_SCORED, "controls_items"),  # a training run: the evaluate items and the controls subset
+    "ablations": (*_SCORED, "controls", "controls_items", "runs"),  # the collector: the runs and the controls table
     "paper": (),
 }
 

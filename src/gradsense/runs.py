@@ -288,10 +288,12 @@ def read_run(root: str | Path, spec: RunSpec) -> dict[str, pd.DataFrame]:
 
 def run_instances(keys: list[str] | None, root: str | Path = ".", params_file: str | Path | None = None) -> list[Path]:
     """Run the named runs of params.yaml's `runs:` (all of them with `keys` None) in one process: each trained,
-    scored and written to results/runs/<key>, its wall time and peak memory to results/timing/run_<key>.json."""
+    scored and written to results/runs/<key>, its wall time and peak memory to results/timing/run_<key>.json.
+    Under `accelerate launch` the processes share every training batch and the main process writes."""
     from gradsense.paths import Paths
     from gradsense.seeding import seed_everything
     from gradsense.timing import peak_rss_gb, save_timing
+    from gradsense.training import Shards
 
     root = Path(root).resolve()
     params = read_params(params_file or root / "params.yaml")
@@ -310,16 +312,21 @@ def run_instances(keys: list[str] | None, root: str | Path = ".", params_file: s
         **{k: scoring[k] for k in SCORING if k in scoring},
     )
     load_s = round(time.perf_counter() - start, 2)  # the model and inputs, once per process (once per run in dvc)
+    shards = Shards()
+    main = shards.main
     written = []
     for key in keys or list(specs):
         spec = specs[key]
         seed_everything(seed)  # every run starts from the same state, in one process or one per run
         start = time.perf_counter()
         frames = execute(ctx, spec)
+        if not main:  # under `accelerate launch` every process trains its share and scores; one writes
+            continue
         written.append(write_run(root, spec, frames))
         precision = spec.overrides.get("precision", ctx.main.meta.get("train", {}).get("precision"))
         seconds = round(time.perf_counter() - start, 2)
         record = {"run": key, "train_score_s": seconds, "load_s": load_s, "wall_s": round(seconds + load_s, 2)}
+        record["processes"] = shards.world
         save_timing(root, f"run_{key}", record | {"precision": precision, "peak_rss_gb": peak_rss_gb()})
         print(f"run {key}: {seconds:.0f} s (+ {load_s:.0f} s loading) → {written[-1]}")
     return written

@@ -198,21 +198,25 @@ def train_projector(
             grads_t[: train.batch_size],
             draw_contexts(context_pool, train.batch_size, train.context_share, rng),
         )
-    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay)
+    trainable = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     curve = []
     plan = list(batch_plan(len(labels), train, rng))
     best_loss, best_step, snapshot = math.inf, None, None
-    for step, (idx, kinds) in enumerate(tqdm(plan, desc="train projector", disable=not progress), start=1):
+    shards = Shards()  # one process, or the processes of `accelerate launch` (each takes a share of every batch)
+    bar = not progress or not shards.main
+    for step, (idx, kinds) in enumerate(tqdm(plan, desc="train projector", disable=bar), start=1):
         start = time.perf_counter()
         hard = [hard_negatives[i] if k == 0 else () for i, k in zip(idx, kinds)] if hard_negatives else None
         contexts = draw_contexts(context_pool, len(idx), train.context_share, rng, hard, train.hard_share)
         vectors, row_labels = batch_rows(describer, grads_t, labels, idx, kinds, contexts, rng)
-        loss = describer.loss(vectors, contexts, row_labels, train.max_label_tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss = shards.loss(describer, vectors, contexts, row_labels, train.max_label_tokens)
         if not torch.isfinite(loss):
             raise GradsenseError(f"training loss became non-finite at step {step} (lower train.lr)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        shards.backward(loss, trainable)
         optimizer.step()
+        loss = shards.batch_value(loss)
         record = {"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start, "val_loss": math.nan}
         if val is not None and (step % train.eval_every == 0 or step == len(plan) or step == 1):
             record["val_loss"] = validation_loss(describer, *val, max_label_tokens=train.max_label_tokens)
@@ -231,6 +235,49 @@ def train_projector(
                     p.copy_(saved)
         describer.meta["selection"] = {"selected_step": int(best_step), "selected_val_loss": float(best_loss)}
     return describer, pd.DataFrame(curve)
+
+
+class Shards:
+    """Data parallel training under Hugging Face `accelerate` (`accelerate launch --multi_gpu --num_processes N`;
+    gloo between CPU processes, NCCL between GPUs): every process draws the same global batch (same seeds), takes rows rank, rank + N, …, and the
+    gradients are summed across processes, so N processes train what one process trains on the same global batch.
+    In one process it is plain training (the batch's mean loss, no communication)."""
+
+    def __init__(self) -> None:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # gloo between CPU processes, NCCL between GPUs
+        self.rank, self.world, self.main = state.process_index, state.num_processes, state.is_main_process
+
+    def loss(self, describer: Describer, vectors, contexts, labels, max_label_tokens) -> torch.Tensor:
+        """This process's share of the batch's mean token loss (the whole mean in one process)."""
+        if self.world == 1:
+            return describer.loss(vectors, contexts, labels, max_label_tokens)
+        from accelerate.utils import reduce
+
+        mine = list(range(self.rank, len(labels), self.world))
+        total, count = describer.loss_terms(
+            vectors[mine], [contexts[i] for i in mine], [labels[i] for i in mine], max_label_tokens
+        )
+        return total / reduce(count.to(total.dtype).detach(), "sum")  # over the whole batch's trained tokens
+
+    def backward(self, loss: torch.Tensor, parameters: Sequence[torch.Tensor]) -> None:
+        """Backward pass, then the gradients summed over the processes (every process steps the same way)."""
+        loss.backward()
+        if self.world > 1:
+            from accelerate.utils import reduce
+
+            for p in parameters:
+                if p.grad is not None:
+                    p.grad = reduce(p.grad, "sum")
+
+    def batch_value(self, loss: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss (the sum of the processes' shares)."""
+        if self.world == 1:
+            return loss.detach()
+        from accelerate.utils import reduce
+
+        return reduce(loss.detach(), "sum")
 
 
 @torch.no_grad()
