@@ -28,11 +28,17 @@ def notebook_for(stage: str, root: Path) -> Path:
     return found[0]
 
 
+def read_params(params_file: str | Path) -> dict:
+    """The whole params file (one-line error when it is missing)."""
+    path = Path(params_file)
+    if not path.is_file():
+        raise GradsenseError(f"params file {path} is missing")
+    return yaml.safe_load(path.read_text()) or {}
+
+
 def stage_parameters(stage: str, params_file: Path) -> dict:
     """Notebook parameters for a stage: `seed`, `model.name` → `model_name`, `model.device` → `device`, then the section."""
-    if not params_file.is_file():
-        raise GradsenseError(f"params file {params_file} is missing")
-    params = yaml.safe_load(params_file.read_text()) or {}
+    params = read_params(params_file)
     if stage not in params:
         raise GradsenseError(f"params file {params_file} has no section {stage!r}")
     model = params.get("model", {}) or {}

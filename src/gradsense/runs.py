@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from gradsense import controls as ct
 from gradsense import decoupling as dc
@@ -71,14 +70,6 @@ def run_specs(runs: Mapping[str, Mapping] | None) -> dict[str, RunSpec]:
     if sum(s.role == "reference" for s in specs.values()) > 1:
         raise GradsenseError("runs: at most one run has role reference (the main settings at the variants' budget)")
     return specs
-
-
-def read_params(params_file: str | Path) -> dict:
-    """The whole params file (one-line error when it is missing)."""
-    path = Path(params_file)
-    if not path.is_file():
-        raise GradsenseError(f"params file {path} is missing")
-    return yaml.safe_load(path.read_text()) or {}
 
 
 @dataclass
@@ -291,6 +282,7 @@ def run_instances(keys: list[str] | None, root: str | Path = ".", params_file: s
     scored and written to results/runs/<key>, its wall time and peak memory to results/timing/run_<key>.json.
     Under `accelerate launch` the processes share every training batch and the main process writes."""
     from gradsense.paths import Paths
+    from gradsense.pipeline import read_params
     from gradsense.seeding import seed_everything
     from gradsense.timing import peak_rss_gb, save_timing
     from gradsense.training import Shards

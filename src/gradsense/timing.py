@@ -15,21 +15,21 @@ from gradsense.report import save_json
 FOLDER = Path("results") / "timing"
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` line of /proc/cpuinfo (None where there is no such file or line)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name)), None)
+
+
 def cpu_model() -> str:
     """The CPU's model name (`/proc/cpuinfo`), or the platform's processor string elsewhere."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 def cpu_flags() -> list[str]:
     """The matrix-unit flags that decide bf16 speed on this CPU (AMX, avx512_bf16), as far as /proc/cpuinfo says."""
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = (_cpuinfo_field("flags") or "").split()
     return sorted(f for f in set(flags) if f.startswith("amx") or f == "avx512_bf16")
 
 
