@@ -46,6 +46,7 @@ test-notebooks: data  ## run every pipeline notebook in order with its default (
 	cp notebooks/0[7-9]_*.ipynb notebooks/explore.ipynb $(NBTEST)/later/  # explore runs last: it reads 04's checkpoint
 	pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(NBTEST)/notebooks
 	gradsense run --root $(NBTEST) --params params-ci.yaml  # the ci preset's trainings (dvc: one training@<key> each)
+	gradsense replicate --root $(NBTEST) --params params-ci.yaml  # notebooks 01–05 on the second model (replication@)
 	mv $(NBTEST)/later/*.ipynb $(NBTEST)/notebooks/ && rmdir $(NBTEST)/later
 	pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env $(NBTEST)/notebooks/0[7-9]_*.ipynb $(NBTEST)/notebooks/explore.ipynb
 

@@ -3,7 +3,7 @@
 Usage: python benchmarks/bench_pipeline.py [--ci] [--full]
   --ci    runs `make paper-ci` (the whole pipeline on params-ci.yaml in build/ci) and times it
   --full  reads the timing records of the last `make paper` / `dvc repro` in results/timing/ (run that first)
-Writes results/bench/pipeline.json: per stage (and per `training@<key>` instance) wall_s and peak_rss_gb, the total
+Writes results/bench/pipeline.json: per stage (and per `training@<key>` / `replication@<key>` instance) wall_s and peak_rss_gb, the total
 stage time, the largest peak, and the machine (CPU model, matrix flags, threads, precision) each record was made on.
 """
 
@@ -33,11 +33,13 @@ def stage_records(root: Path) -> dict:
     total = sum(r["wall_s"] for r in records.values())
     peak = max((r.get("peak_rss_gb", 0.0) for r in records.values()), default=float("nan"))
     runs = sum(r["wall_s"] for name, r in records.items() if name.startswith("run_"))
+    replications = sum(r["wall_s"] for name, r in records.items() if name.startswith("replication_"))
     machines = sorted({r["cpu"] for r in records.values()})
     return {
         "stages": records,
         "total_stage_wall_s": round(total, 1),
         "training_instances_wall_s": round(runs, 1),
+        "replication_instances_wall_s": round(replications, 1),
         "max_peak_rss_gb": peak,
         "cpus_recorded": machines,
     }

@@ -43,6 +43,12 @@ def test_unit_rows_and_row_cosine():
     np.testing.assert_allclose(cos, [1, -1])
 
 
+def test_row_cosine_of_a_row_with_itself_is_at_most_one():
+    rows = np.random.default_rng(0).standard_normal((64, 896)).astype(np.float32)
+    cos = row_cosine(rows, rows.copy())  # float32 unit rows sum to 1 ± rounding; a cosine never leaves [-1, 1]
+    assert cos.max() <= 1.0 and cos.min() >= -1.0 and np.allclose(cos, 1.0)
+
+
 def test_pca_separates_clusters():
     x, domains = _clusters()
     coords, explained = pca_2d(x)

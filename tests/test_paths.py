@@ -5,12 +5,13 @@ from pathlib import Path
 
 import yaml
 
-from gradsense.paths import ARTIFACTS, READS, RUN_STAGE, STAGES, Paths, producer
+from gradsense.paths import ARTIFACTS, READS, REPLICATION_STAGE, RUN_STAGE, STAGES, Paths, producer
+from gradsense.replication import STAGES as REPLICATED
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-DVC = {name: spec for name, spec in ALL.items() if name != RUN_STAGE}  # the notebook stages
-ORDER = [*STAGES[: STAGES.index("ablations")], RUN_STAGE, *STAGES[STAGES.index("ablations") :]]
+DVC = {name: spec for name, spec in ALL.items() if name not in (RUN_STAGE, REPLICATION_STAGE)}  # notebook stages
+ORDER = [*STAGES[: STAGES.index("ablations")], RUN_STAGE, "ablations", REPLICATION_STAGE, "paper"]
 
 
 def test_every_stage_is_in_dvc_yaml_in_order_and_runs_its_notebook():
@@ -33,7 +34,7 @@ def test_dvc_results_deps_are_exactly_the_artifacts_the_stage_reads():
     for stage, spec in DVC.items():
         deps = {d for d in spec["deps"] if d.startswith("results/")}
         if stage == "paper":  # the paper reads every earlier stage's folder
-            assert deps == {f"results/{s}" for s in STAGES if s != "paper"}
+            assert deps == {f"results/{s}" for s in STAGES if s != "paper"} | {ARTIFACTS["replication"]}
             continue
         assert deps == {ARTIFACTS[name] for name in READS[stage]}, stage
         for name in READS[stage]:  # an artifact is read only after the stage that writes it
@@ -50,6 +51,18 @@ def test_the_training_instances_read_their_artifacts_and_write_one_folder_each()
     assert {d for d in do["deps"] if d.startswith("results/")} == {ARTIFACTS[n] for n in READS[RUN_STAGE]}
     assert "src/gradsense" in do["deps"] and "runs.${key}" in do["params"]
     assert "runs" in READS["ablations"] and "runs" in DVC["ablations"]["params"]
+
+
+def test_the_replication_instances_run_the_replicated_notebooks_into_one_folder_each():
+    spec = ALL[REPLICATION_STAGE]
+    assert spec["foreach"] == "${replication}"  # one instance per params.yaml `replication:` entry
+    do = spec["do"]
+    assert do["cmd"] == "gradsense replicate ${key}" and do["outs"] == [ARTIFACTS["replication"] + "/${key}"]
+    notebooks = sorted(d for d in do["deps"] if d.startswith("notebooks/"))
+    assert [re.sub(r"notebooks/\d\d_(\w+)\.ipynb", r"\1", n) for n in notebooks] == list(REPLICATED)
+    assert not [d for d in do["deps"] if d.startswith("results/")]  # it computes everything it reports itself
+    assert {*REPLICATED, "replication.${key}", "model", "seed"} <= set(do["params"])
+    assert "replication" in DVC["paper"]["params"]
 
 
 def test_wall_times_are_uncached_metrics_outside_every_cached_output():

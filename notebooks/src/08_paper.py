@@ -11,6 +11,7 @@
 seed = 0
 model_name = None
 device = "auto"
+replication = {"qwen": {"model": "qwen2.5-coder-0.5b-instruct", "label": "Qwen2.5-Coder-0.5B-Instruct"}}
 
 # %%
 import json
@@ -22,6 +23,7 @@ from IPython.display import Image, Markdown, display
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto's notice would show in the page
 
 from gradsense import paper
+from gradsense import replication as rp
 from gradsense.main_table import main_result
 from gradsense.paths import STAGES, Paths
 from gradsense.pipeline import stage_parameters
@@ -265,7 +267,7 @@ show(
     "Round trip: cosine between the gradient the model was under and the gradient of (prompt → the described "
     "`to`), beside the same for another item's answer of the same template, and their paired difference.",
 )
-headline = paper.headline_table(heldout, decoupling, baselines, table("evaluate", "roundtrip"))
+headline = paper.evaluate_headline(PATHS.results("evaluate"))
 save_table(headline, PATHS.results("paper"), "headline")
 show(
     headline.pivot_table(index=["part", "set", "metric"], columns="who", values="estimate", sort=False),
@@ -355,16 +357,6 @@ show(
     folds.pivot_table(index="fold", columns="metric", values="estimate", sort=False),
     "Held-out-domain rotation per fold and the mean over folds (`ablations/heldout_folds.csv` has the CIs).",
 )
-methods = paper.methods_table(headline, long, folds)
-save_table(methods, PATHS.results("paper"), "methods")
-# The headline numbers as DVC metrics (`dvc metrics show`, `dvc metrics diff`, `dvc exp show`).
-save_json(paper.headline_metrics(long, folds, headline), PATHS.results("paper") / "metrics.json")
-show(
-    methods,
-    "**Methods** (`paper/methods.csv`, `.tex`): for every number above, its split, n rows, the resampled unit "
-    "and how many, seeds, and the CI method (a 0/1 rate within 0.05 of 0 or 1 gets a Wilson interval with the "
-    "units as n; pooled seeds resample items, each seed's estimate is also given as its own spread).",
-)
 shown += [
     "ablations/main_table",
     "ablations/seeds",
@@ -373,6 +365,50 @@ shown += [
     "ablations/selection",
     "ablations/heldout_folds",
 ]
+
+# %% [markdown]
+# ## 8 · The same reading on a second model family (stage `replication`, notebooks 01–05 per model)
+#
+# Each entry of params.yaml's `replication:` re-runs corrections → gradients → oracle → train → evaluate on another
+# model (`model.name`), at the sizes its entry sets, into `results/replication/<key>/` (`params.yaml` there is what
+# it ran with). Layers are depth fractions, so the source (75%) and injection (50%) blocks are the same share of each
+# model's depth. The first column is this paper's main model (seed 0, the evaluate stage above); the sizes differ,
+# so compare each model's describer with its own baselines (same items) before comparing models.
+
+# %%
+models = {card["model"]: (headline, rp.checkpoint_blocks(PATHS.root))}
+for key, entry in replication.items():
+    folder = rp.replication_root(PATHS.root, key)
+    ran = rp.read_meta(folder)
+    label = entry.get("label") or entry["model"]
+    models[label] = (paper.evaluate_headline(Paths(folder).results("evaluate")), rp.checkpoint_blocks(folder))
+    sizes = {
+        s: {k: v for k, v in (ran[s] or {}).items() if "items" in k or k in ("per_domain", "epochs")} for s in rp.STAGES
+    }
+    display(Markdown(f"`{key}`: {label} (`model.name` = `{ran['model']['name']}`), sizes: `{json.dumps(sizes)}`"))
+replicated = rp.replication_table(models)
+save_table(replicated, PATHS.results("paper"), "replication")
+show(
+    rp.formatted(replicated),
+    "**Replication** (`paper/replication.csv`, `.tex`): per model, on its test subjects, the describer's domain "
+    "accuracy and answer recall beside the Backward Lens (answer) and a linear probe (domain) on the same items; "
+    "decoupling success and leakage over all ordered domain pairs; answer recall on the external new phrasings. "
+    "95% CIs as everywhere (bootstrap over items, passages for decoupling; Wilson near 0 or 1).",
+)
+
+# %%
+methods = paper.methods_table(headline, long, folds)
+save_table(methods, PATHS.results("paper"), "methods")
+# The headline numbers as DVC metrics (`dvc metrics show`, `dvc metrics diff`, `dvc exp show`).
+metrics = paper.headline_metrics(long, folds, headline) | {"replication": rp.replication_metrics(replicated)}
+save_json(metrics, PATHS.results("paper") / "metrics.json")
+show(
+    methods,
+    "**Methods** (`paper/methods.csv`, `.tex`): for every number above, its split, n rows, the resampled unit "
+    "and how many, seeds, and the CI method (a 0/1 rate within 0.05 of 0 or 1 gets a Wilson interval with the "
+    "units as n; pooled seeds resample items, each seed's estimate is also given as its own spread).",
+)
+shown += ["paper/replication"]
 
 # %% [markdown]
 # ## Checks

@@ -24,8 +24,8 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine between matching rows of a and b (any leading shape)."""
-    return (unit_rows(a) * unit_rows(b)).sum(-1)
+    """Cosine between matching rows of a and b (any leading shape), clipped to [-1, 1] against float rounding."""
+    return np.clip((unit_rows(a) * unit_rows(b)).sum(-1), -1.0, 1.0)
 
 
 def pca_2d(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

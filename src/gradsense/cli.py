@@ -21,6 +21,16 @@ def _run(args: argparse.Namespace) -> None:
     run_instances(args.keys or None, Path(args.root), Path(args.params) if args.params else None)
 
 
+def _replicate(args: argparse.Namespace) -> None:
+    from gradsense.pipeline import read_params
+    from gradsense.replication import replicate
+
+    root = Path(args.root)
+    params = Path(args.params) if args.params else root / "params.yaml"
+    for key in args.keys or list(read_params(params).get("replication") or {}):
+        print(replicate(key, root, params))
+
+
 def _fetch_data(args: argparse.Namespace) -> None:
     from gradsense.data import fetch_data
 
@@ -78,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--root", default=".", help="project root (default: current folder)")
     run.add_argument("--params", default=None, help="params file (default: <root>/params.yaml)")
     run.set_defaults(func=_run)
+
+    rep = sub.add_parser(
+        "replicate",
+        help="corrections → evaluate on another model (params.yaml's replication:; dvc.yaml's replication@)",
+    )
+    rep.add_argument("keys", nargs="*", help="the replications (default: every one, in turn)")
+    rep.add_argument("--root", default=".", help="project root (default: current folder)")
+    rep.add_argument("--params", default=None, help="params file (default: <root>/params.yaml)")
+    rep.set_defaults(func=_replicate)
 
     fetch = sub.add_parser("fetch-data", help="rebuild data/ from its pinned sources and verify it against data.dvc")
     fetch.add_argument("--root", default=".", help="project root (default: current folder)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from gradsense.errors import GradsenseError
@@ -69,6 +71,18 @@ def headline_table(
     ).reset_index(drop=True)
 
 
+EVALUATE_TABLES = ("heldout", "decoupling", "baselines", "roundtrip")  # what headline_table reads
+
+
+def evaluate_headline(folder: str | Path) -> pd.DataFrame:
+    """`headline_table` of an evaluate stage's output folder (the main one, or a replication's)."""
+    folder = Path(folder)
+    missing = [n for n in EVALUATE_TABLES if not (folder / f"{n}.csv").is_file()]
+    if missing:
+        raise GradsenseError(f"{folder} lacks the evaluate tables {', '.join(missing)}: did its evaluate stage run?")
+    return headline_table(*(pd.read_csv(folder / f"{n}.csv") for n in EVALUATE_TABLES))
+
+
 # Which split (and which items) each evaluation set reads: the first rule whose key the set's name contains.
 SPLITS = [
     ("seed case", "test split: history items, each in a biology evaluation passage"),
@@ -126,7 +140,7 @@ def methods_table(headline: pd.DataFrame, long: pd.DataFrame, folds: pd.DataFram
 ABLATION_METRICS = ("domain accuracy", "answer recall")  # per ablation in the metrics file
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     """A metric name as a DVC metrics key: lower case, words joined by underscores."""
     return "_".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
 
@@ -140,14 +154,14 @@ def headline_metrics(long: pd.DataFrame, folds: pd.DataFrame, headline: pd.DataF
     if pooled.empty:
         raise GradsenseError("the main table has no main-result rows")
     interval = ["estimate", "low", "high"]
-    rows = {_slug(r.metric): {k: round(float(getattr(r, k)), 4) for k in interval} for r in pooled.itertuples()}
+    rows = {slug(r.metric): {k: round(float(getattr(r, k)), 4) for k in interval} for r in pooled.itertuples()}
     mean = folds[folds["fold"] == "mean over folds"]
-    fold_rows = {_slug(r.metric): {k: round(float(getattr(r, k)), 4) for k in interval} for r in mean.itertuples()}
+    fold_rows = {slug(r.metric): {k: round(float(getattr(r, k)), 4) for k in interval} for r in mean.itertuples()}
     reads = headline[(headline["part"] == "reading") & (headline["who"] == "describer")]
     sets: dict[str, dict] = {}
     for r in reads.itertuples():
-        sets.setdefault(_slug(r.set), {})[_slug(r.metric)] = round(float(r.estimate), 4)
+        sets.setdefault(slug(r.set), {})[slug(r.metric)] = round(float(r.estimate), 4)
     ablations: dict[str, dict] = {}
     for r in long[(long["group"] == "ablation") & long["metric"].isin(ABLATION_METRICS)].itertuples():
-        ablations.setdefault(_slug(r.condition), {})[_slug(r.metric)] = round(float(r.estimate), 4)
+        ablations.setdefault(slug(r.condition), {})[slug(r.metric)] = round(float(r.estimate), 4)
     return {"main_result": rows, "heldout_domain_folds": fold_rows, "sets_seed0": sets, "ablations": ablations}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 STAGES = ("model_card", "corrections", "gradients", "oracle", "train", "evaluate", "controls", "ablations", "paper")
 RUN_STAGE = "training"  # the foreach stage of dvc.yaml: one describer training per params.yaml `runs:` entry
+REPLICATION_STAGE = "replication"  # the foreach stage re-running corrections → evaluate on another model, per entry
 
 # The artifacts one stage hands to later ones, relative to the repository root (the stage's folder is results/<stage>).
 ARTIFACTS = {
@@ -19,6 +20,7 @@ ARTIFACTS = {
     "controls": "results/controls/controls.csv",
     "controls_items": "results/controls/controls_items.csv",
     "runs": "results/runs",  # one folder per training@<key> instance (gradsense.runs)
+    "replication": "results/replication",  # one project root per replication@<key> instance (gradsense.replication)
 }
 
 # Which artifacts each stage reads (its `results/` deps in dvc.yaml; the paper stage reads every stage's folders).

@@ -14,7 +14,8 @@ from gradsense.errors import GradsenseError
 from gradsense.timing import peak_rss_gb, save_timing, timing_path
 
 SHARED_KEYS = ("seed",)
-EXTRA_SECTIONS = {"ablations": ("runs",)}  # stages that also read other top-level sections (the collector: its runs)
+# Stages that also read other top-level sections: the collector its runs, the paper the replications it tabulates.
+EXTRA_SECTIONS = {"ablations": ("runs",), "paper": ("replication",)}
 VOLATILE = ("start_time", "end_time", "duration")  # papermill's clock readings, kept out of the executed notebook
 HTML_STAGES = ("paper",)  # stages whose executed notebook is also exported as an HTML report (code hidden)
 SCREENSHOT = "page.png"  # the HTML report's full-page screenshot beside it, kept when Chromium is installed
