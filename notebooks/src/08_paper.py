@@ -392,7 +392,7 @@ show(
     rp.formatted(replicated),
     "**Replication** (`paper/replication.csv`, `.tex`): per model, on its test subjects, the describer's domain "
     "accuracy and answer recall beside the Backward Lens (answer) and a linear probe (domain) on the same items; "
-    "decoupling success and leakage over all ordered domain pairs; answer recall on the external new phrasings. "
+    "decoupling success and leakage over all ordered domain pairs; domain and answer on the external new phrasings. "
     "95% CIs as everywhere (bootstrap over items, passages for decoupling; Wilson near 0 or 1).",
 )
 

@@ -30,7 +30,8 @@ ROWS = (
     ("reading", "test subjects", "domain accuracy", "linear probe on the training gradients"),
     ("decoupling", "all pairs", "success (reports B)", "describer"),
     ("decoupling", "all pairs", "leakage (reports A)", "describer"),
-    ("reading", "external: new phrasings", "answer recall", "describer"),
+    ("reading", "new phrasings", "domain accuracy", "describer"),
+    ("reading", "new phrasings", "answer recall", "describer"),
 )
 COLUMNS = ["model", "blocks", "set", "metric", "who", "estimate", "low", "high", "n", "ci"]
 
