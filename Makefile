@@ -85,6 +85,7 @@ bench: data  ## speed benchmarks (results/bench/*.json)
 	python benchmarks/bench_gradients.py
 	python benchmarks/bench_training.py
 	python benchmarks/bench_pipeline.py --ci --full
+	python benchmarks/bench_describe.py  # the full paper's describer when results/ has it, else the ci preset's
 
 data-record: venv  ## maintainers only: re-record data/ in data.dvc after changing sources/facts/
 	gradsense fetch-data || true

@@ -1,9 +1,10 @@
-"""Describer training throughput: seconds per step and tokens per second, float32 vs bfloat16 autocast.
+"""Describer training throughput: seconds per step and tokens per second, float32 vs bfloat16 autocast, and with vs
+without the prefix cache (the columns before the first slot run once without autograd).
 
 Usage: python benchmarks/bench_training.py [--steps N] [--batch-size B] [--device auto]
 Uses the pipeline's gradients and labels when `results/` has them (else random gradients and a fixed label), the
 full paper's train settings from params.yaml (injection layer, k, label cap, context share), and times
-`Describer.loss` + backward + AdamW on batches drawn as in training. Writes results/bench/training.json.
+`Describer.loss` + backward + AdamW on batches drawn as in training, the variants alternating step by step. Writes results/bench/training.json.
 """
 
 from __future__ import annotations
@@ -47,46 +48,67 @@ def inputs(n: int, d_model: int, layer: int) -> tuple[np.ndarray, list[str]]:
     return rng.standard_normal((n, d_model)).astype(np.float32), [label] * n
 
 
-def bench(model, tokenizer, precision: str, settings: dict, steps: int, batch: int, pool: list[str]) -> dict:
-    """Time `steps` training steps (after one warm-up step) of a fresh linear projector."""
+VARIANTS = (("fp32", True), ("bf16", False), ("bf16", True))  # (precision, prefix cache) per timed variant
+
+
+def bench(model, tokenizer, settings: dict, steps: int, batch: int, pool: list[str]) -> list[dict]:
+    """Time `steps` training steps (after one warm-up step) of a fresh linear projector per variant: fp32 and bf16
+    autocast, and bf16 with one pass over every column (the prefix cache off); the variants alternate on the same
+    batches, so drift in the machine's speed hits them alike (paired)."""
+    from gradsense import describer as describer_module
+    from gradsense.gradients import resolve_layer
+
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     d_model = model.config.hidden_size
-    config = DescriberConfig(
-        source_layer=settings["inject_layer"],
-        inject_layer=settings["inject_layer"],
-        k=settings["k"],
-        precision=precision,
-    )
-    describer = Describer(model, tokenizer, Projector(d_model, config.k), config)
-    optimizer = torch.optim.AdamW(describer.projector.parameters(), lr=settings["lr"])
-    grads, labels = inputs(batch * (steps + 1), d_model, settings["inject_layer"])
-    times, tokens = [], []
+    inject_layer = resolve_layer(model, settings["inject_layer"])
+    grads, labels = inputs(batch * (steps + 1), d_model, resolve_layer(model, settings["source_layer"]))
+    runs = []
+    for precision, _ in VARIANTS:
+        config = DescriberConfig(
+            source_layer=inject_layer, inject_layer=inject_layer, k=settings["k"], precision=precision
+        )
+        describer = Describer(model, tokenizer, Projector(d_model, config.k), config)
+        runs.append((describer, torch.optim.AdamW(describer.projector.parameters(), lr=settings["lr"])))
+    times: list[list[float]] = [[] for _ in VARIANTS]
+    tokens = []
+    full_pass = describer_module.prefix_columns
     for step in range(steps + 1):
         part = slice(step * batch, (step + 1) * batch)
         contexts = [
             pool[int(rng.integers(len(pool)))] if rng.random() < settings["context_share"] else None
             for _ in range(batch)
         ]
-        encoded, _ = encode_interpretations(tokenizer, config, contexts, labels[part], settings["max_label_tokens"])
-        start = time.perf_counter()
-        vectors = describer.projector(torch.as_tensor(grads[part], device=describer.device))
-        loss = describer.loss(vectors, contexts, labels[part], settings["max_label_tokens"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step:  # the first step warms up kernels and allocations
-            times.append(time.perf_counter() - start)
+        encoded, _ = encode_interpretations(tokenizer, runs[0][0].config, contexts, labels[part])
+        for j, ((describer, optimizer), (_, cached)) in enumerate(zip(runs, VARIANTS)):
+            describer_module.prefix_columns = full_pass if cached else (lambda *args: 0)
+            try:
+                start = time.perf_counter()
+                vectors = describer.projector(torch.as_tensor(grads[part], device=describer.device))
+                loss = describer.loss(vectors, contexts, labels[part], settings["max_label_tokens"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                seconds = time.perf_counter() - start
+            finally:
+                describer_module.prefix_columns = full_pass
+            if step:  # the first step warms up kernels and allocations
+                times[j].append(seconds)
+        if step:
             tokens.append(int(encoded.attention_mask.sum()))
-    return {
-        "precision": precision,
-        "steps": steps,
-        "batch_size": batch,
-        "seconds_per_step": float(np.median(times)),
-        "tokens_per_step": float(np.mean(tokens)),
-        "tokens_per_s": float(np.sum(tokens) / np.sum(times)),
-        "rows_per_s": float(batch * steps / np.sum(times)),
-    }
+    return [
+        {
+            "precision": precision,
+            "prefix_cache": cached,
+            "steps": steps,
+            "batch_size": batch,
+            "seconds_per_step": float(np.median(t)),
+            "tokens_per_step": float(np.mean(tokens)),
+            "tokens_per_s": float(np.sum(tokens) / np.sum(t)),
+            "rows_per_s": float(batch * steps / np.sum(t)),
+        }
+        for (precision, cached), t in zip(VARIANTS, times)
+    ]
 
 
 def main() -> None:
@@ -100,7 +122,7 @@ def main() -> None:
     model, tokenizer = gradsense.load_model(None, device=args.device)
     contexts = read_contexts(contexts_path())
     pool = contexts.loc[contexts["pool"] == "neutral", "text"].tolist()
-    runs = [bench(model, tokenizer, p, settings, args.steps, batch, pool) for p in ("fp32", "bf16")]
+    runs = bench(model, tokenizer, settings, args.steps, batch, pool)
     report = {
         "machine": machine_info()
         | {
@@ -113,7 +135,8 @@ def main() -> None:
         "k": settings["k"],
         "max_label_tokens": settings["max_label_tokens"],
         "runs": runs,
-        "bf16_speedup": runs[0]["seconds_per_step"] / runs[1]["seconds_per_step"],
+        "bf16_speedup": runs[0]["seconds_per_step"] / runs[2]["seconds_per_step"],  # both with the prefix cache
+        "prefix_cache_speedup": runs[1]["seconds_per_step"] / runs[2]["seconds_per_step"],  # both bf16
     }
     pipeline_timing = timing_path(ROOT, "train")
     if pipeline_timing.is_file():

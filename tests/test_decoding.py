@@ -27,6 +27,20 @@ def test_batched_generation_matches_one_by_one():
     np.testing.assert_allclose(both, alone, rtol=1e-4)
 
 
+def test_a_bf16_describer_decodes_in_float32_the_same_at_every_batch_size():
+    """Training under bfloat16 autocast does not reach decoding: a bf16 describer says, batched or one row at a
+    time, exactly what the same describer says in float32."""
+    model, tok = talkative_llama()
+    d32, d16 = describer(model, tok), describer(model, tok, precision="bf16")
+    contexts = [None, "A much longer passage read first.", "Short.", None]
+    vectors = d32.projector(torch.as_tensor(grads(4))).detach()
+    batched = structured_ids(d16, vectors, contexts, sentence_tokens=2)
+    single = [structured_ids(d16, vectors[i : i + 1], contexts[i : i + 1], 2)[0] for i in range(4)]
+    assert batched == single == structured_ids(d32, vectors, contexts, sentence_tokens=2)
+    texts = d16.describe_gradients(grads(4), contexts, batch_size=3, max_new_tokens=2)["description"].tolist()
+    assert texts == d32.describe_gradients(grads(4), contexts, batch_size=4, max_new_tokens=2)["description"].tolist()
+
+
 def test_structured_decoding_always_yields_a_parsed_head():
     """Structured decoding gives the field names and lets the model say each value: every head parses into three
     non-blank values (the values are the model's) and the sentence budget is respected."""

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradsense.describer import Projector, adapters_off, noise_like, shuffle_order, untrained_describer
+import gradsense.describer as describer_module
+from gradsense.describer import Projector, adapters_off, noise_like, prefix_columns, shuffle_order, untrained_describer
 from gradsense.errors import GradsenseError
 from gradsense.hooks import capture, inject
 from gradsense.prompt import encode_interpretations
@@ -89,6 +90,46 @@ def test_one_step_lowers_the_loss_through_the_injection(tiny, mode):
     opt.step()
     with torch.no_grad():
         assert d.loss(d.projector(g), [None] * 4, LABELS[:4]) < before
+
+
+def test_the_cached_prefix_gives_the_loss_and_gradient_of_one_full_pass(monkeypatch):
+    """Training runs the columns before the first slot without autograd (a KV cache): the same loss and projector
+    gradient as one pass over every column, for rows with and without a passage and labels of different lengths."""
+    model, tok = talkative_llama()
+    d = describer(model, tok)
+    g = torch.as_tensor(grads(4))
+    contexts = [None, "a short passage", "a much longer passage about rivers, mountains and old kings", None]
+
+    def loss_and_grad():
+        d.projector.zero_grad(set_to_none=True)
+        loss = d.loss(d.projector(g), contexts, LABELS[:4])
+        loss.backward()
+        return loss.detach(), d.projector.net.weight.grad.clone()
+
+    _, positions = encode_interpretations(tok, d.config, contexts, LABELS[:4])
+    assert prefix_columns(model, positions, d.projector(g)) == int(positions.min()) > 0
+    cached = loss_and_grad()
+    monkeypatch.setattr(describer_module, "prefix_columns", lambda *args: 0)
+    full = loss_and_grad()
+    torch.testing.assert_close(cached[0], full[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached[1], full[1], rtol=1e-4, atol=1e-6)
+    assert full[1].abs().sum() > 0
+
+
+def test_no_cached_prefix_without_gradients_or_with_trained_weights(tiny):
+    model, tok = tiny
+    d = describer(model, tok)
+    _, positions = encode_interpretations(tok, d.config, [None, "ctx"])
+    vectors = d.projector(torch.as_tensor(grads(2)))
+    with torch.no_grad():
+        assert prefix_columns(model, positions, d.projector(torch.as_tensor(grads(2)))) == 0
+    assert prefix_columns(model, positions, None) == 0
+    weight = next(model.parameters())
+    weight.requires_grad_(True)  # a trained model weight (LoRA) changes the prefix's keys and values
+    try:
+        assert prefix_columns(model, positions, vectors) == 0
+    finally:
+        weight.requires_grad_(False)
 
 
 def test_lora_trains_only_blocks_from_the_injection_and_switches_off():

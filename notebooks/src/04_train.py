@@ -10,8 +10,9 @@
 # other training facts (of any domain), and for a share `hard_share` of them a hard negative, a statement of another
 # answer of the item's own relation. Evaluation passages are never among them. `epochs` (when set) fixes the
 # number of steps: that many passes over the training items. `precision: bf16`
-# runs the describer's forward passes under bfloat16 autocast (about 2× faster on this CPU's AMX units; the
-# gradients it reads are float32).
+# runs the training passes under bfloat16 autocast (about 1.8× faster per step on AMX units; the gradients it reads
+# are float32, and decoding is float32). The columns before the first slot never see the injection, so each step
+# runs them without autograd and backpropagates from the first slot on (`benchmarks/bench_training.py`).
 # Training uses the train split, the trained relation templates, and every domain but `heldout_domain`.
 # Inputs: `results/corrections/`, `results/gradients/`, `results/oracle/labels.jsonl`, `data/facts/contexts.csv`.
 # Outputs: `results/train/checkpoint/` (projector + metadata), the training curve, `figures/train/`.

@@ -1,5 +1,9 @@
 """Greedy decoding under the injection: free text (HF `generate`) or *structured*, where the head's field names are
 given and the model says each value (the format of every training label), so every description's head parses.
+
+Decoding runs in float32 whatever `precision` the describer trained with: a cached step is one token per row, so
+bfloat16 autocast spends its time casting every weight again at each step (benchmarks/bench_describe.py: float32 is
+faster at every batch size, and its descriptions do not depend on the batch size; under bfloat16 some do).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def generate_ids(
     batch, positions = encode_interpretations(tok, d.config, contexts, prefixes=prefixes)
     batch = batch.to(d.device)
     stops = list(stops) if stops is not None else stop_ids(tok)
-    with d.precision(), inject(d.model, d.config.inject_layer, positions, vectors, d.norm_match):
+    with inject(d.model, d.config.inject_layer, positions, vectors, d.norm_match):
         out = d.model.generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -189,6 +193,5 @@ def generate(
     if not structured:
         ids = generate_ids(describer, vectors, contexts, max_new_tokens)
     else:
-        with describer.precision():
-            ids = structured_ids(describer, vectors, contexts, max_new_tokens)
+        ids = structured_ids(describer, vectors, contexts, max_new_tokens)
     return [describer.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]

@@ -39,7 +39,7 @@ class DescriberConfig:
     mlp_hidden: int = 1024
     lora_rank: int = 0  # 0 = model frozen; > 0 = LoRA on q_proj, v_proj through peft
     lora_alpha: int = 16
-    precision: str = "fp32"  # "bf16": the describer's forward passes under bfloat16 autocast (≈ 2× faster on AMX CPUs)
+    precision: str = "fp32"  # "bf16": training and scoring passes under bfloat16 autocast (decoding stays float32)
     placeholder: str = " ?"
     system: str = SYSTEM
     question: str = QUESTION
@@ -178,7 +178,8 @@ class Describer:
         return self.config.mode == "norm"
 
     def precision(self):
-        """The autocast context of the describer's forward passes (bfloat16 when configured, else nothing)."""
+        """The autocast context of the describer's training and scoring passes (bfloat16 when configured, else
+        nothing); decoding runs without it (`decoding`)."""
         if self.config.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
@@ -207,16 +208,35 @@ class Describer:
         labels: Sequence[str],
         max_label_tokens: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and label ids at the label positions only (the last `keep` positions), under the injection."""
+        """Logits and label ids at the label positions only (the last `keep` positions), under the injection.
+
+        With gradients on and the model frozen, the columns before the first slot (they never see the injection:
+        attention is causal) run first without autograd into a KV cache, so the backward pass covers only the
+        columns from the first slot on (`prefix_columns`)."""
         batch, positions = encode_interpretations(self.tokenizer, self.config, contexts, labels, max_label_tokens)
         batch = batch.to(self.device)
         keep = int((batch.labels != -100).sum(-1).max()) + 1
-        with self.precision(), inject(self.model, self.config.inject_layer, positions, vectors, self.norm_match):
+        split = prefix_columns(self.model, positions, vectors)
+        past = None
+        if split:
+            with torch.no_grad(), self.precision():
+                past = self.model(
+                    input_ids=batch.input_ids[:, :split],
+                    attention_mask=batch.attention_mask[:, :split],
+                    position_ids=batch.position_ids[:, :split],
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).past_key_values
+        with (
+            self.precision(),
+            inject(self.model, self.config.inject_layer, positions - split, vectors, self.norm_match),
+        ):
             logits = self.model(
-                input_ids=batch.input_ids,
+                input_ids=batch.input_ids[:, split:],
                 attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
+                position_ids=batch.position_ids[:, split:],
+                past_key_values=past,
+                use_cache=past is not None,
                 logits_to_keep=keep,
             ).logits
         return logits.float(), batch.labels[:, -keep:]
@@ -309,6 +329,17 @@ class Describer:
                 "source_row": source,
             }
         )
+
+
+def prefix_columns(model: nn.Module, positions: torch.Tensor, vectors: torch.Tensor | None) -> int:
+    """How many leading columns a training pass may run without autograd: those before the batch's first slot when
+    gradients are on, vectors are injected and no model weight is trained (LoRA changes the cached keys and values);
+    0 otherwise (one pass over every column)."""
+    if not torch.is_grad_enabled() or vectors is None or not vectors.requires_grad:
+        return 0
+    if any(p.requires_grad for p in model.parameters()):
+        return 0
+    return int(positions.min())
 
 
 def noise_like(grads: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -315,7 +315,7 @@ def run_instances(keys: list[str] | None, root: str | Path = ".", params_file: s
         if not main:  # under `accelerate launch` every process trains its share and scores; one writes
             continue
         written.append(write_run(root, spec, frames))
-        precision = spec.overrides.get("precision", ctx.main.meta.get("train", {}).get("precision"))
+        precision = spec.overrides.get("precision", ctx.main.config.precision)
         seconds = round(time.perf_counter() - start, 2)
         record = {"run": key, "train_score_s": seconds, "load_s": load_s, "wall_s": round(seconds + load_s, 2)}
         record["processes"] = shards.world
