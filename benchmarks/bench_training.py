@@ -4,7 +4,8 @@ without the prefix cache (the columns before the first slot run once without aut
 Usage: python benchmarks/bench_training.py [--steps N] [--batch-size B] [--device auto]
 Uses the pipeline's gradients and labels when `results/` has them (else random gradients and a fixed label), the
 full paper's train settings from params.yaml (injection layer, k, label cap, context share), and times
-`Describer.loss` + backward + AdamW on batches drawn as in training, the variants alternating step by step. Writes results/bench/training.json.
+`Describer.loss` + backward + AdamW on batches drawn as in training, the variants alternating step by step.
+Writes results/bench/training.json.
 """
 
 from __future__ import annotations
