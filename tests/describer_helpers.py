@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from gradsense.describer import Describer, DescriberConfig, Projector
+from gradsense.describer import Describer, DescriberConfig, new_projector
 
 from tiny_model import tiny_llama
 
@@ -25,7 +25,7 @@ def describer(model, tok, **kw) -> Describer:
     """A describer with a seeded, untrained projector."""
     torch.manual_seed(0)
     cfg = config(**kw)
-    return Describer(model, tok, Projector(D, cfg.k, cfg.kind, cfg.mode, cfg.mlp_hidden), cfg)
+    return Describer(model, tok, new_projector(D, cfg), cfg)
 
 
 def talkative_llama(seed: int = 3):

@@ -73,5 +73,8 @@ def test_variant_configs_override_recorded_settings():
     meta = {"config": asdict(config()), "train": asdict(TrainConfig(steps=7))}
     cfg, tr = variant_configs(meta, {"mode": "raw", "seed": 3})
     assert cfg.mode == "raw" and tr.seed == 3 and tr.steps == 7 and cfg.k == config().k
+    assert variant_configs(meta, {"init": "lens"})[0].init == "lens" and cfg.init == "random"
+    old = {**meta, "config": {k: v for k, v in meta["config"].items() if k != "init"}}  # saved before `init` existed
+    assert variant_configs(old)[0].init == "random"
     with pytest.raises(GradsenseError, match="unknown describer setting 'colour'"):
         variant_configs(meta, {"colour": "red"})

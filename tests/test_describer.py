@@ -59,6 +59,25 @@ def test_the_describer_injects_at_its_layer_in_its_mode():
         assert (np.abs(small - big).max() < 1e-5) == (mode == "norm"), (mode, small, big)
 
 
+@pytest.mark.parametrize("mode", ["norm", "raw"])
+def test_a_lens_projector_starts_as_minus_the_gradient_in_every_slot(mode):
+    """init "lens": every slot is −g (norm mode: −g/‖g‖; raw mode: −g / the reference norm × the scale), and the
+    untrained control of a lens describer starts there too; the random init is far from it."""
+    g = torch.randn(3, D)
+    lens = Projector(D, 3, "linear", mode, init="lens")
+    lens.grad_norm_ref.fill_(2.0)
+    unit = g / g.norm(dim=-1, keepdim=True) if mode == "norm" else g / 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(lens(g), -unit[:, None, :].expand(3, 3, D))
+        assert (Projector(D, 3, "linear", mode)(g) + unit[:, None, :]).abs().max() > 0.1
+    model, tok = tiny_llama()
+    control = untrained_describer(describer(model, tok, init="lens", mode=mode), seed=1)
+    with torch.no_grad():
+        out = control.projector(g)
+    reference = control.projector.grad_norm_ref if mode == "raw" else g.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(out, -(g / reference)[:, None, :].expand(3, 2, D))
+
+
 def test_projector_kinds_modes_and_errors():
     g = torch.randn(3, D)
     for kind in ("linear", "mlp"):
@@ -71,9 +90,17 @@ def test_projector_kinds_modes_and_errors():
         Projector(D, 2, "conv")
     with pytest.raises(GradsenseError, match="width"):
         norm(torch.randn(2, D + 1))
+    with pytest.raises(GradsenseError, match="init 'lens' needs kind 'linear'"):
+        Projector(D, 2, "mlp", init="lens")
+    with pytest.raises(GradsenseError, match="init must be one of"):
+        Projector(D, 2, init="zeros")
     model, _ = tiny_llama()
     with pytest.raises(GradsenseError, match="out of range"):
         config(inject_layer=9).check(model)
+    with pytest.raises(GradsenseError, match="train.init must be one of"):
+        config(init="zeros").check(model)
+    with pytest.raises(GradsenseError, match="train.init 'lens' needs train.kind 'linear'"):
+        config(init="lens", kind="mlp").check(model)
     with pytest.raises(GradsenseError, match="mode"):
         config(mode="big").check(model)
 

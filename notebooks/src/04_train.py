@@ -5,7 +5,8 @@
 # `inject_layer` (either layer a block index or a depth fraction in [0, 1), floored: 0.5 is block 15 of 30 and block
 # 12 of 24, so `model.name` alone switches the model); the model (frozen, unless `lora_rank` > 0) is trained through the projector to say the oracle's
 # label head for that gradient (`domain: … | from: … | to: …`; the loss is on the values and the tokens that end
-# them). A share `control_share` of every batch gets norm-matched noise or no injection with the fixed "no pressure"
+# them). `init: lens` starts every slot as −g, the direction Backward Lens reads the target from (chosen on the
+# validation split by `scripts/select_init.py`; `random` is PyTorch's default, an ablation run). A share `control_share` of every batch gets norm-matched noise or no injection with the fixed "no pressure"
 # label, and a share `context_share` of the rows reads a passage before the question: neutral text or statements of
 # other training facts (of any domain), and for a share `hard_share` of them a hard negative, a statement of another
 # answer of the item's own relation. Evaluation passages are never among them. `epochs` (when set) fixes the
@@ -26,6 +27,7 @@ inject_layer = 0.5
 k = 4
 mode = "norm"
 kind = "linear"
+init = "lens"
 mlp_hidden = 1024
 lora_rank = 0
 precision = "bf16"
@@ -111,6 +113,7 @@ config = DescriberConfig(
     k=k,
     mode=mode,
     kind=kind,
+    init=init,
     mlp_hidden=mlp_hidden,
     lora_rank=lora_rank,
     precision=precision,

@@ -39,7 +39,7 @@ runs = {
     "raw": {"role": "variant", "label": "raw × learned scale", "mode": "raw"},
     "layer_7": {"role": "variant", "label": "source layer 7 (25%)", "source_layer": 0.25},
     "layer_22": {"role": "variant", "label": "source layer 22 (75%)", "source_layer": 0.75},
-    "mlp": {"role": "variant", "label": "MLP projector", "kind": "mlp"},
+    "mlp": {"role": "variant", "label": "MLP projector", "kind": "mlp", "init": "random"},
     "lora": {"role": "variant", "label": "linear + LoRA (r = 8)", "lora_rank": 8},
     "steering": {"role": "variant", "label": "trained on steering vectors", "train_on": "steering"},
     "fold_history": {"role": "fold", "fold": "history"},

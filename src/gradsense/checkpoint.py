@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradsense.describer import Describer, DescriberConfig, Projector, add_lora, fingerprint, lora_state
+from gradsense.describer import Describer, DescriberConfig, add_lora, fingerprint, lora_state, new_projector
 from gradsense.errors import GradsenseError
 from gradsense.files import atomic_dir
 from gradsense.models import REPO_ROOT
@@ -89,7 +89,7 @@ def load_describer(
             f"checkpoint {directory} reads gradients of layer {config.source_layer}, not layer {source_layer}"
         )
     state = torch.load(directory / "projector.pt", map_location="cpu", weights_only=True)
-    projector = Projector(meta["d_model"], config.k, config.kind, config.mode, config.mlp_hidden)
+    projector = new_projector(meta["d_model"], config)
     projector.load_state_dict(state["projector"])
     projector.requires_grad_(False)
     if config.lora_rank > 0 and not any("lora_" in n for n, _ in model.named_parameters()):

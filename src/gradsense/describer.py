@@ -25,6 +25,7 @@ from gradsense.scoring import batches
 from gradsense.teacher import parse_label
 
 CONTROLS = ("gradient", "none", "noise", "shuffle")  # what the describer is given: see `Describer.vectors`
+INITS = ("random", "lens")  # how a projector starts: see `Projector`
 
 
 @dataclass
@@ -36,6 +37,7 @@ class DescriberConfig:
     k: int = 4  # number of placeholder slots
     mode: str = "norm"  # "norm": norm-matched to the residual; "raw": raw gradient × learned scale
     kind: str = "linear"  # "linear" (d → k·d) or "mlp"
+    init: str = "random"  # "random" (PyTorch's default) or "lens": every slot starts as −g (linear only; `Projector`)
     mlp_hidden: int = 1024
     lora_rank: int = 0  # 0 = model frozen; > 0 = LoRA on q_proj, v_proj through peft
     lora_alpha: int = 16
@@ -54,6 +56,10 @@ class DescriberConfig:
             raise GradsenseError(f"train.mode must be 'norm' or 'raw', not {self.mode!r}")
         if self.kind not in ("linear", "mlp"):
             raise GradsenseError(f"train.kind must be 'linear' or 'mlp', not {self.kind!r}")
+        if self.init not in INITS:
+            raise GradsenseError(f"train.init must be one of {', '.join(INITS)}, not {self.init!r}")
+        if self.init == "lens" and self.kind != "linear":
+            raise GradsenseError(f"train.init 'lens' needs train.kind 'linear', not {self.kind!r}")
         if not isinstance(self.k, int) or self.k < 1:
             raise GradsenseError(f"train.k must be a positive integer, not {self.k!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -68,9 +74,20 @@ class Projector(nn.Module):
     mode "norm": the input is g/‖g‖ (the injection fixes the magnitude); mode "raw": the input is g divided by a
     fixed reference norm (the median training ‖g‖) and the output is multiplied by a learned scale, without a final
     bias, so the injected magnitude follows the gradient's.
+
+    init "lens" (linear only): the weight starts as k stacked copies of −I and the bias at 0, so every slot starts as
+    −g, the direction Backward Lens reads the target from (SmolLM2 ties its embeddings); "random": PyTorch's default.
     """
 
-    def __init__(self, d_model: int, k: int, kind: str = "linear", mode: str = "norm", mlp_hidden: int = 1024):
+    def __init__(
+        self,
+        d_model: int,
+        k: int,
+        kind: str = "linear",
+        mode: str = "norm",
+        mlp_hidden: int = 1024,
+        init: str = "random",
+    ):
         super().__init__()
         self.d_model, self.k, self.kind, self.mode = d_model, k, kind, mode
         bias = mode == "norm"
@@ -82,6 +99,15 @@ class Projector(nn.Module):
             )
         else:
             raise GradsenseError(f"projector kind must be 'linear' or 'mlp', not {kind!r}")
+        if init == "lens":
+            if kind != "linear":
+                raise GradsenseError(f"projector init 'lens' needs kind 'linear', not {kind!r}")
+            with torch.no_grad():
+                self.net.weight.copy_(-torch.eye(d_model).repeat(k, 1))
+                if self.net.bias is not None:
+                    self.net.bias.zero_()
+        elif init != "random":
+            raise GradsenseError(f"projector init must be one of {', '.join(INITS)}, not {init!r}")
         self.register_buffer("grad_norm_ref", torch.tensor(1.0))
         self.log_scale = nn.Parameter(torch.zeros(()), requires_grad=mode == "raw")
 
@@ -94,6 +120,11 @@ class Projector(nn.Module):
         else:
             out = self.net(grads / self.grad_norm_ref) * self.log_scale.exp()
         return out.view(len(grads), self.k, self.d_model)
+
+
+def new_projector(d_model: int, config: DescriberConfig) -> Projector:
+    """A projector of width `d_model` built (and initialised) as `config` says."""
+    return Projector(d_model, config.k, config.kind, config.mode, config.mlp_hidden, config.init)
 
 
 def add_lora(model: nn.Module, rank: int, alpha: int, first_layer: int = 0) -> list[nn.Parameter]:
@@ -360,10 +391,11 @@ def shuffle_order(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def untrained_describer(describer: Describer, seed: int = 0) -> Describer:
-    """The same describer with a freshly initialised (seeded, never trained) projector: the untrained control."""
+    """The same describer with a freshly initialised (seeded, never trained; `config.init`) projector: the untrained
+    control."""
     torch.manual_seed(seed)
     cfg = describer.config
-    projector = Projector(describer.projector.d_model, cfg.k, cfg.kind, cfg.mode, cfg.mlp_hidden)
+    projector = new_projector(describer.projector.d_model, cfg)
     projector.grad_norm_ref.copy_(describer.projector.grad_norm_ref)
     projector.log_scale.data.copy_(describer.projector.log_scale.data)  # raw mode: the trained describer's scale
     projector.requires_grad_(False)

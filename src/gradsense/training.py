@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradsense.describer import Describer, DescriberConfig, Projector, add_lora, noise_like
+from gradsense.describer import Describer, DescriberConfig, add_lora, new_projector, noise_like
 from gradsense.errors import GradsenseError
 from gradsense.hooks import capture
 from gradsense.prompt import FIELD_LEADS, encode_interpretations, lead_split, value_lengths
@@ -187,7 +187,7 @@ def train_projector(
     config.max_value_tokens = value_limit(tokenizer, [*labels, config.no_pressure])
     torch.manual_seed(train.seed)
     rng = np.random.default_rng(train.seed)
-    projector = Projector(grads_t.shape[1], config.k, config.kind, config.mode, config.mlp_hidden)
+    projector = new_projector(grads_t.shape[1], config)
     params = list(projector.parameters())
     if config.lora_rank > 0:
         params += add_lora(model, config.lora_rank, config.lora_alpha, config.inject_layer)
