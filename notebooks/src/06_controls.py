@@ -11,7 +11,7 @@
 # | norm-matched noise | Gaussian noise with the gradient's norm, through the projector |
 # | shuffled gradients | another item's gradient while the item's own fact is read as the passage; scored against the injected item |
 # | steering vector | the item's contrastive steering vector (state after prompt + target − after prompt + source) through the trained projector |
-# | untrained projector | the gradient through a randomly initialised projector (seeded) |
+# | untrained projector | the gradient through the projector as it starts before training (`train.init`: lens = −g in every slot; random = seeded) |
 # | text-only | no injection; the passage states the fact and its target in words after one labelled example per trained domain (an upper reference: the answer is in the text) |
 # | Backward Lens | training-free: the top token of −g through the final norm and unembedding (first answer token only, counted as answer recall) |
 # | linear probe | logistic regression on g, trained on the training items (domain only; the ceiling of what g linearly holds) |
