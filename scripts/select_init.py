@@ -23,16 +23,14 @@ import sys
 import time
 
 import numpy as np
+from select_source_layer import selection_inputs, train_describer  # scripts/ is on the path of a script run from it
 
 import gradsense
 from gradsense import evaluate as ev
 from gradsense import external as ex
 from gradsense.describer import DescriberConfig
-from gradsense.inputs import contexts_path, load_stage_inputs, read_contexts, training_items, validation_set
-from gradsense.passages import training_passages
-from gradsense.paths import Paths
 from gradsense.sampling import stratified
-from gradsense.training import TrainConfig, train_projector
+from gradsense.training import TrainConfig
 
 SOURCE_LAYER = 22
 
@@ -47,20 +45,21 @@ def rates(scored, seen: np.ndarray | None = None) -> str:
 
 def main(epochs: float, specs: list[str]) -> None:
     """Train and score one describer per spec on the validation split (and, for the record, the new phrasings)."""
-    stage = load_stage_inputs(Paths("."))
-    neutral = read_contexts(contexts_path()).query("pool == 'neutral'")["text"].tolist()
-    train_items, val_pool = training_items(stage.items, "religion")
-    val_set = validation_set(val_pool, 32)
-    pool, negatives = training_passages(neutral, train_items, 0)
-    scored_items = stratified(val_pool, "domain", 200, order="shuffle", seed=0)
-    seen = ev.seen_answers(scored_items["target"], train_items["target"])
+    inputs = selection_inputs()
+    scored_items = stratified(inputs.val_pool, "domain", 200, order="shuffle", seed=0)
+    seen = ev.seen_answers(scored_items["target"], inputs.train_items["target"])
     model, tokenizer = gradsense.load_model(None)
-    grads = stage.vectors("grads", SOURCE_LAYER)
+    grads = inputs.stage.vectors("grads", SOURCE_LAYER)
     external = ex.external_items(max_items=160, seed=0)
     phrasings = external[external["set"] == ex.NEW_PHRASINGS].reset_index(drop=True)
     phrasings = phrasings.assign(row=np.arange(len(phrasings)))
     ext_grads = ex.external_gradients(model, tokenizer, phrasings, [SOURCE_LAYER], 32)[0]
-    options = {"seed": 0, "batch_size": 64, "max_new_tokens": 0, "domains": sorted(stage.items["domain"].unique())}
+    options = {
+        "seed": 0,
+        "batch_size": 64,
+        "max_new_tokens": 0,
+        "domains": sorted(inputs.stage.items["domain"].unique()),
+    }
     for spec in specs:
         config = DescriberConfig(
             source_layer=SOURCE_LAYER,
@@ -73,18 +72,7 @@ def main(epochs: float, specs: list[str]) -> None:
             epochs=epochs, batch_size=16, control_share=0.2, context_share=0.75, hard_share=0.3, eval_every=35
         )
         start = time.perf_counter()
-        describer, _ = train_projector(
-            model,
-            tokenizer,
-            grads[train_items["row"].to_numpy()],
-            train_items["label"].tolist(),
-            config,
-            train,
-            pool,
-            val=(grads[val_set["row"].to_numpy()], val_set["label"].tolist()),
-            hard_negatives=negatives,
-            progress=False,
-        )
+        describer = train_describer(model, tokenizer, inputs, grads, config, train)
         val = ev.describe_items(describer, grads, scored_items, **options)
         new = ev.describe_items(describer, ext_grads, phrasings, **options)
         print(
