@@ -1,9 +1,10 @@
 """Choose the projector's initialisation and injection block on the validation split (run once by hand; not a stage).
 
-Usage: python scripts/select_init.py EPOCHS BLOCK[L] [BLOCK[L] ...]     e.g. 1 15 15L 22L 1 1L
+Usage: python scripts/select_init.py EPOCHS SPEC [SPEC ...]     SPEC = BLOCK[L][R<rank>], e.g. 1 15 15L 22L 1 1L 15LR8
 Needs the pipeline's corrections, gradients and oracle outputs under results/. For each spec, trains the train
 stage's describer (params.yaml settings: linear projector reading block 22, bfloat16) injected at BLOCK, with the
-lens init when the spec ends in L (every slot starts as −g) and PyTorch's random init otherwise, and prints domain
+lens init when the spec has an L (every slot starts as −g) and PyTorch's random init otherwise, with LoRA of that
+rank on the model when it ends in R<rank> (a freshly loaded model per spec), and prints domain
 accuracy and answer recall on 200 validation-split items (trained templates and domains), split by whether the
 answer is among the training answers. The choice is made on those numbers. For the record only, it also prints the
 same on the external new-phrasings set (never trained on, not used for the choice); the test split is never read.
@@ -19,6 +20,7 @@ hence `train.init: lens` at `inject_layer` block 15.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 
@@ -48,7 +50,7 @@ def main(epochs: float, specs: list[str]) -> None:
     inputs = selection_inputs()
     scored_items = stratified(inputs.val_pool, "domain", 200, order="shuffle", seed=0)
     seen = ev.seen_answers(scored_items["target"], inputs.train_items["target"])
-    model, tokenizer = gradsense.load_model(None)
+    model, tokenizer = gradsense.load_model(None)  # the gradients of the external set come from the frozen model
     grads = inputs.stage.vectors("grads", SOURCE_LAYER)
     external = ex.external_items(max_items=160, seed=0)
     phrasings = external[external["set"] == ex.NEW_PHRASINGS].reset_index(drop=True)
@@ -61,13 +63,18 @@ def main(epochs: float, specs: list[str]) -> None:
         "domains": sorted(inputs.stage.items["domain"].unique()),
     }
     for spec in specs:
+        match = re.fullmatch(r"(\d+)(L?)(?:R(\d+))?", spec)
+        if match is None:
+            raise SystemExit(f"spec {spec!r} is not BLOCK[L][R<rank>]")
         config = DescriberConfig(
             source_layer=SOURCE_LAYER,
-            inject_layer=int(spec.rstrip("L")),
+            inject_layer=int(match[1]),
             k=4,
-            init="lens" if spec.endswith("L") else "random",
+            init="lens" if match[2] else "random",
+            lora_rank=int(match[3] or 0),
             precision="bf16",
         )
+        model, tokenizer = gradsense.load_model(None)  # LoRA changes the model in place: a fresh one per spec
         train = TrainConfig(
             epochs=epochs, batch_size=16, control_share=0.2, context_share=0.75, hard_share=0.3, eval_every=35
         )
@@ -76,7 +83,7 @@ def main(epochs: float, specs: list[str]) -> None:
         val = ev.describe_items(describer, grads, scored_items, **options)
         new = ev.describe_items(describer, ext_grads, phrasings, **options)
         print(
-            f"block {config.inject_layer} {config.init} ({time.perf_counter() - start:.0f} s): validation "
+            f"block {config.inject_layer} {config.init} LoRA {config.lora_rank} ({time.perf_counter() - start:.0f} s): validation "
             f"{rates(val, seen)}; new phrasings (not for the choice) {rates(new)}",
             flush=True,
         )

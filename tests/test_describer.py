@@ -174,6 +174,9 @@ def test_lora_trains_only_blocks_from_the_injection_and_switches_off():
         with adapters_off(model):
             torch.testing.assert_close(model(input_ids=batch.input_ids).logits, reference)
         assert not torch.allclose(model(input_ids=batch.input_ids).logits, reference)
+        with d.original_model():  # where a LoRA describer's new gradients are taken: the original model
+            torch.testing.assert_close(model(input_ids=batch.input_ids).logits, reference)
+        assert not torch.allclose(model(input_ids=batch.input_ids).logits, reference)  # adapters back on after it
 
 
 def test_controls(tiny):

@@ -88,7 +88,8 @@ sets = {name: items.iloc[rows] for name, rows in ev.evaluation_sets(items, heldo
 layers = inputs.arrays["layers"]
 lens_layers = sorted({config.source_layer, max(layers)})
 external = ex.external_items(max_items=max_external_items, seed=seed)
-external_grads = ex.external_gradients(model, tokenizer, external, lens_layers, batch_size)
+with describer.original_model():  # gradients of the model the oracle ran, not of the LoRA-tuned describer
+    external_grads = ex.external_gradients(model, tokenizer, external, lens_layers, batch_size)
 ext_source = external_grads[lens_layers.index(config.source_layer)]
 ext_sets = {name: external[external["set"] == name] for name in ex.SETS}
 train_items = training_items(items, heldout_domain)[0]
@@ -285,9 +286,17 @@ for (name, control), frame in scored.items():
     }
     for baseline, values in domain.items():
         baseline_rows += rate_rows({"domain accuracy": values}, n_boot, seed, set=name, baseline=baseline)
-    trip = bl.paired_roundtrip(
-        model, tokenizer, members, frame["reported_to"].tolist(), vectors[rows], config.source_layer, seed, batch_size
-    )
+    with describer.original_model():
+        trip = bl.paired_roundtrip(
+            model,
+            tokenizer,
+            members,
+            frame["reported_to"].tolist(),
+            vectors[rows],
+            config.source_layer,
+            seed,
+            batch_size,
+        )
     roundtrip_items.append(trip.assign(set=name))
     both = trip.dropna(subset=["cos_described", "cos_partner"])
     for what, values in (

@@ -215,6 +215,11 @@ class Describer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    def original_model(self):
+        """A context in which `self.model` is the original model (LoRA adapters off): the one whose gradients the
+        describer reads, so gradients of new items must be taken inside it."""
+        return adapters_off(self.model) if self.config.lora_rank > 0 else nullcontext()
+
     def vectors(
         self, grads: torch.Tensor, control: str = "gradient", rng: np.random.Generator | None = None
     ) -> torch.Tensor | None:

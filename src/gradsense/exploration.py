@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from gradsense.baselines import roundtrip_cosines
-from gradsense.describer import Describer, adapters_off
+from gradsense.describer import Describer
 from gradsense.errors import GradsenseError
 from gradsense.gradients import activation_gradients
 from gradsense.items import check_lengths, item_problem
@@ -89,11 +88,6 @@ def _checked(item: dict, what: str) -> dict:
     return item
 
 
-def _original(describer: Describer):
-    """A context in which the describer's model is the original one (LoRA adapters off): the oracle's model."""
-    return adapters_off(describer.model) if describer.config.lora_rank > 0 else nullcontext()
-
-
 def _sentence(description: str) -> str:
     """The free sentence after the head line ("" when the describer said none)."""
     return description.split("\n", 1)[1].strip() if "\n" in description else ""
@@ -128,7 +122,7 @@ def explore(
     source = config.source_layer
     layer = source if layer is None else int(layer)
     layers = [source] if layer == source else [source, layer]
-    with _original(describer):
+    with describer.original_model():
         grads = activation_gradients(
             model,
             tok,
@@ -161,7 +155,7 @@ def explore(
     if item["wrong"]:
         answers.loc["wrong"] = [item["wrong"], moved["logp_source_old"], moved["dlogp_source"]]
     heads = _heads(describer, g, item["context"], other_item, seed, sentence_tokens)
-    with _original(describer):
+    with describer.original_model():
         cosine = roundtrip_cosines(model, tok, [item["prompt"]], [heads.loc["gradient", "to"]], g[:1], source)[0]
     return Exploration(
         prompt=item["prompt"],

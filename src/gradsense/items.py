@@ -4,14 +4,13 @@ gradient (target = right) and `describe` it with a trained describer."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from gradsense.checkpoint import load_describer
 from gradsense.decoding import structured_steps
-from gradsense.describer import CONTROLS, Describer, adapters_off
+from gradsense.describer import CONTROLS, Describer
 from gradsense.errors import GradsenseError
 from gradsense.files import read_jsonl
 from gradsense.prompt import interpretation_ids
@@ -81,8 +80,7 @@ def item_gradients(
 
     prompts = [it["prompt"] for it in items]
     targets = [target_text(it["right"]) for it in items]
-    guard = adapters_off(describer.model) if describer.config.lora_rank > 0 else nullcontext()
-    with guard:
+    with describer.original_model():
         result = activation_gradients(
             describer.model,
             describer.tokenizer,
@@ -131,8 +129,7 @@ def describe(
     if faithfulness:
         from gradsense.baselines import roundtrip_cosines
 
-        guard = adapters_off(describer.model) if describer.config.lora_rank > 0 else nullcontext()
-        with guard:
+        with describer.original_model():
             cosines = roundtrip_cosines(
                 describer.model,
                 describer.tokenizer,
