@@ -15,7 +15,13 @@ an answer no training item has):
 - block 15 lens:   domain 0.81, answer 0.625 (1/27);                  new phrasings 0.50 / 0.23;
 - block 22 lens:   domain 0.73, answer 0.605 (1/27);                  new phrasings 0.41 / 0.31;
 - block 1 random:  domain 0.73, answer 0.335 (0/27); block 1 lens: domain 0.67, answer 0.24 (0/27);
-hence `train.init: lens` at `inject_layer` block 15.
+hence `train.init: lens` at `inject_layer` block 15. Then with LoRA on blocks 15–29 (q, v; same day and machine,
+about 3 min per spec):
+- block 15 lens, LoRA 8:    domain 0.885, answer 0.81 (5/27);   new phrasings 0.66 / 0.44;
+- block 15 random, LoRA 8:  domain 0.87, answer 0.565 (0/27);   new phrasings 0.58 / 0.16;
+- block 15 lens, LoRA 32:   domain 0.90, answer 0.82 (5/27);    new phrasings 0.59 / 0.43;
+- block 8 lens, LoRA 8:     domain 0.84, answer 0.61 (0/27);    new phrasings 0.56 / 0.16;
+hence `train.lora_rank: 8` (rank 32 is within 3 of the 200 items, for 4× the adapter).
 """
 
 from __future__ import annotations
