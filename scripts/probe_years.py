@@ -8,14 +8,16 @@ fit per digit of the target year (thousands, hundreds, tens, units) on the first
 the same probe on the activations (which hold what the model believes, not the target of a counterfactual) and on
 shuffled labels, on the gradient summed over the target-predicting positions (gradients.position =
 target), and on the gradient at the position that predicts that digit (what a reading of every
-target-predicting position would see). A digit the gradient probe cannot read above its controls is not linearly in the gradient at that
+target-predicting position would see), and Backward Lens (−g through the final norm and unembedding, no training) at
+that position, its first choice among the ten digits. A digit the gradient probe cannot read above its controls is not linearly in the gradient at that
 position, whatever a describer is trained on.
 
 Measured (SmolLM2-135M, 188 year facts, 112 held-out items; a year tokenises as a bare space, then one token per
 digit, so the last prompt position predicts only the space): the whole year is read from the last-position gradient
 (what the describer reads) for 0.009 / 0.036 / 0.071 of held-out items at blocks 7 / 15 / 22 (block 22: hundreds
 0.64, tens 0.29, units 0.30 against majority 0.39 / 0.09 / 0.18); summed over the target positions 0.03 / 0.09 /
-0.12; from the gradient at the position that predicts each digit 0.15 / 0.27 / 0.55 (block 22: 0.81 / 0.75 / 0.83).
+0.12; from the gradient at the position that predicts each digit 0.15 / 0.27 / 0.55 (block 22: 0.81 / 0.75 / 0.83);
+Backward Lens at those positions, untrained, 0.00 / 0.04 / 0.12 (block 22: 0.54 / 0.65 / 0.69).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pandas as pd
 import torch
 
 import gradsense
-from gradsense.analysis import probe_predictions
+from gradsense.analysis import lens_ranks, model_lens, probe_predictions
 from gradsense.gradients import activation_gradients, target_loss
 from gradsense.hooks import edit_block_outputs
 from gradsense.scoring import encode, target_text
@@ -101,6 +103,11 @@ def main(layers: list[int]) -> None:
             truth = digit[test]
             majority = pd.Series(digit[train]).value_counts().idxmax()
             row = {"block": layer, "digit": name, "majority": float(np.mean(truth == majority))}
+            tokens = np.tile(tokenizer.convert_tokens_to_ids(list("0123456789")), (int(test.sum()), 1))
+            ranks = lens_ranks(-per_digit[i_layer][i][test], tokens, *model_lens(model))
+            lens_right = np.array(list("0123456789"))[ranks.argmin(1)] == truth
+            row["Backward Lens at its position"] = float(lens_right.mean())
+            whole["Backward Lens at its position"] = whole.get("Backward Lens at its position", True) & lens_right
             for what, x, shuffle in (
                 ("gradient", out.grads[i_layer], False),
                 ("activation", out.acts[i_layer], False),
