@@ -1,11 +1,24 @@
 """gradsense.describer on the tiny Llama: injection at the slots, the projector, the loss, LoRA, the controls."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 import gradsense.describer as describer_module
-from gradsense.describer import Projector, adapters_off, noise_like, prefix_columns, shuffle_order, untrained_describer
+from gradsense import controls as ct
+from gradsense import decoupling as dc
+from gradsense import main_table as mt
+from gradsense.describer import (
+    Describer,
+    Projector,
+    adapters_off,
+    noise_like,
+    prefix_columns,
+    shuffle_order,
+    untrained_describer,
+)
 from gradsense.errors import GradsenseError
 from gradsense.hooks import capture, inject
 from gradsense.prompt import encode_interpretations
@@ -177,6 +190,25 @@ def test_lora_trains_only_blocks_from_the_injection_and_switches_off():
         with d.original_model():  # where a LoRA describer's new gradients are taken: the original model
             torch.testing.assert_close(model(input_ids=batch.input_ids).logits, reference)
         assert not torch.allclose(model(input_ids=batch.input_ids).logits, reference)  # adapters back on after it
+
+
+def test_references_read_the_original_model_of_a_lora_describer():
+    from test_evaluate import PASSAGES, items
+
+    model, tok = tiny_llama(seed=0)
+    train = TrainConfig(steps=12, batch_size=4, lr=2e-2, control_share=0.0, context_share=0.0)
+    d, _ = train_projector(model, tok, grads(4), LABELS[:4], config(lora_rank=2), train, progress=False)
+    table = items(2)
+    plan = dc.decoupling_plan(table, PASSAGES[PASSAGES["domain"] != "music"], per_pair=1, seed=0)
+    args, options = (grads(len(table)), table, table, plan), {"batch_size": 4, "max_new_tokens": 0}
+    base, _ = tiny_llama(seed=0)  # the same weights, never adapted
+    plain = Describer(base, tok, d.projector, replace(d.config, lora_rank=0), d.meta)
+    expected = mt.core_evaluation(plain, *args, **options)
+    reference = ct.reference_evaluation(d, *args, **options)
+    adapted = mt.core_evaluation(d, *args, **options)
+    for want, got, trained in zip(expected, reference, adapted):
+        assert got["description"].tolist() == want["description"].tolist()
+        assert trained["description"].tolist() != want["description"].tolist()  # the adapters do change the reading
 
 
 def test_controls(tiny):

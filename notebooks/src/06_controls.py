@@ -11,8 +11,8 @@
 # | norm-matched noise | Gaussian noise with the gradient's norm, through the projector |
 # | shuffled gradients | another item's gradient while the item's own fact is read as the passage; scored against the injected item |
 # | steering vector | the item's contrastive steering vector (state after prompt + target − after prompt + source) through the trained projector |
-# | untrained projector | the gradient through the projector as it starts before training (`train.init`: lens = −g in every slot; random = seeded) |
-# | text-only | no injection; the passage states the fact and its target in words after one labelled example per trained domain (an upper reference: the answer is in the text) |
+# | untrained projector | the gradient through the projector as it starts before training (`train.init`: lens = −g in every slot; random = seeded), on the original model (LoRA adapters off) |
+# | text-only | no injection, the original model (LoRA adapters off); the passage states the fact and its target in words after one labelled example per trained domain (an upper reference: the answer is in the text) |
 # | Backward Lens | training-free: the top token of −g through the final norm and unembedding (first answer token only, counted as answer recall) |
 # | linear probe | logistic regression on g, trained on the training items (domain only; the ceiling of what g linearly holds) |
 #
@@ -76,11 +76,12 @@ runs = {
     ct.STEERING: mt.core_evaluation(describer, steering, items, test, plan, **options, **domains),
 }
 untrained = untrained_describer(describer, seed)  # reseeds torch, so it is made after the runs above
-runs[ct.UNTRAINED] = mt.core_evaluation(untrained, grads, items, test, plan, **options, **domains)
+# The untrained and text-only references train nothing: they read the original model (LoRA adapters off).
+runs[ct.UNTRAINED] = ct.reference_evaluation(untrained, grads, items, test, plan, **options, **domains)
 # Text-only: the fact and its target in words (after labelled examples of the training items), nothing injected.
 train_items, _ = training_items(items, describer.meta.get("heldout_domain"))
 examples = ct.text_examples(train_items, text_examples_per_domain, seed)
-runs[ct.TEXT_ONLY] = mt.core_evaluation(
+runs[ct.TEXT_ONLY] = ct.reference_evaluation(
     describer,
     grads,
     items,

@@ -1,4 +1,4 @@
-"""The controls stage's conditions: their names, the text-only reference's passages, and the controls table."""
+"""The controls stage's conditions: their names, the references' evaluation and passages, and the controls table."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from gradsense.describer import Describer
 from gradsense.errors import GradsenseError
 from gradsense.evaluate import ANSWER_RECALL, READ_DOMAIN, read_domain_values
-from gradsense.main_table import PAIRED_COLUMNS, Pair, condition_rows, paired_rates, with_paired
+from gradsense.main_table import PAIRED_COLUMNS, Pair, condition_rows, core_evaluation, paired_rates, with_paired
 from gradsense.stats import rate_rows
 
 GROUP = "controls"  # the controls' group in the main table
@@ -26,6 +27,13 @@ BACKWARD_LENS = "Backward Lens (top token of −g)"
 LINEAR_PROBE = "linear probe on g"
 
 TEXT_ONLY_HEADER = "Facts a model was corrected on, and the training pressure each one put on it:"
+
+
+def reference_evaluation(describer: Describer, *args, **kwargs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`main_table.core_evaluation` on the original model (LoRA adapters off): the references that train nothing
+    (an untrained projector, the text-only prompt) must not read through the trained describer's adapters."""
+    with describer.original_model():
+        return core_evaluation(describer, *args, **kwargs)
 
 
 def text_examples(train_items: pd.DataFrame, per_domain: int = 1, seed: int = 0) -> pd.DataFrame:
