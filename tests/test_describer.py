@@ -91,6 +91,36 @@ def test_a_lens_projector_starts_as_minus_the_gradient_in_every_slot(mode):
     torch.testing.assert_close(out, -(g / reference)[:, None, :].expand(3, 2, D))
 
 
+@pytest.mark.parametrize("mode", ["norm", "raw"])
+def test_a_per_position_projector_reads_position_j_into_slot_j_alone(mode):
+    """(B, k, d) gradients (read "each"): slot j is block j of the same linear map applied to position j only, so
+    the lens init starts slot j at −g_j and changing one position moves only its slot."""
+    g = torch.randn(3, 4, D)
+    lens = Projector(D, 4, "linear", mode, init="lens")
+    lens.grad_norm_ref.fill_(2.0)
+    unit = g / g.norm(dim=-1, keepdim=True) if mode == "norm" else g / 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(lens(g), -unit)
+        trained = Projector(D, 4, "linear", mode)
+        trained.log_scale.fill_(0.3)
+        out = trained(g)
+        for j in range(4):
+            torch.testing.assert_close(out[:, j], trained(g[:, j])[:, j])
+        moved = g.clone()
+        moved[:, 2] = torch.randn(3, D)
+        changed = (trained(moved) - out).abs().amax(dim=(0, 2))
+        assert changed[2] > 0.01 and changed[[0, 1, 3]].max() == 0
+    with pytest.raises(GradsenseError, match="k = 4"):
+        lens(torch.randn(3, 2, D))
+    with pytest.raises(GradsenseError, match="k = 4"):
+        Projector(D, 4, "mlp", mode, 16)(g)
+    model, _ = tiny_llama()
+    with pytest.raises(GradsenseError, match="train.read must be one of"):
+        config(read="first").check(model)
+    with pytest.raises(GradsenseError, match="train.read 'each' needs train.kind 'linear'"):
+        config(read="each", kind="mlp").check(model)
+
+
 def test_projector_kinds_modes_and_errors():
     g = torch.randn(3, D)
     for kind in ("linear", "mlp"):

@@ -56,6 +56,35 @@ def test_batched_equals_per_example_loop(tiny, padding_side, position):
     assert batched.index["id"].tolist() == IDS and (batched.n_target_tokens > 1).any()
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_each_position_holds_every_target_position_and_repeats_the_last(tiny, padding_side):
+    """position="each": slot j is the gradient at the position predicting target token j (the first slot is the
+    "last" gradient, the slots over the target's tokens sum to the "target" gradient), the last one repeated after
+    the target ends; batched = loop."""
+    model, tokenizer = tiny
+    kw = dict(layers=[1, 3], ids=IDS, padding_side=padding_side, progress=False)
+    slots = 6
+    each = activation_gradients(model, tokenizer, PROMPTS, TARGETS, position="each", slots=slots, **kw)
+    loop = activation_gradients(model, tokenizer, PROMPTS, TARGETS, position="each", slots=slots, batch_size=1, **kw)
+    last = activation_gradients(model, tokenizer, PROMPTS, TARGETS, position="last", **kw)
+    summed = activation_gradients(model, tokenizer, PROMPTS, TARGETS, position="target", **kw)
+    assert each.grads.shape == (2, len(PROMPTS), slots, model.config.hidden_size)
+    _assert_same(each.grads, loop.grads)
+    _assert_same(each.grads[:, :, 0], last.grads)
+    n = each.n_target_tokens
+    assert (n < slots).any() and (n > 1).any()
+    for row, count in enumerate(n):
+        used = min(int(count), slots)
+        if count <= slots:
+            _assert_same(each.grads[:, row, :used].sum(1), summed.grads[:, row])
+        np.testing.assert_array_equal(
+            each.grads[:, row, used:], np.repeat(each.grads[:, row, used - 1 : used], slots - used, 1)
+        )
+        assert (np.linalg.norm(each.grads[:, row, :used], axis=-1) > 0).all()
+    with pytest.raises(GradsenseError, match="slots"):
+        activation_gradients(model, tokenizer, PROMPTS, TARGETS, position="each", slots=0, **kw)
+
+
 def test_loss_is_teacher_forced_target_nll(tiny):
     model, tokenizer = tiny
     result = activation_gradients(model, tokenizer, PROMPTS, TARGETS, [2], progress=False)

@@ -3,11 +3,12 @@ any gradient; `describe` returns one {id, description, domain, from, to} record 
 
 import json
 
+import numpy as np
 import pytest
 
 import gradsense.items as items_module
 from gradsense.errors import GradsenseError
-from gradsense.items import FIELDS, check_lengths, describe, read_items, summary_line
+from gradsense.items import FIELDS, check_lengths, describe, item_gradients, read_items, summary_line
 
 from describer_helpers import describer
 
@@ -72,6 +73,23 @@ def test_describe_returns_one_record_per_item_in_field_order(tiny):
         describe([{"id": "b", "prompt": "x"}], describer=describer(model, tok))
     with pytest.raises(GradsenseError, match="at least two"):
         describe([GOOD], describer=describer(model, tok), control="shuffle")
+
+
+def test_a_per_position_describer_reads_each_target_position_of_new_items(tiny):
+    """read "each": `item_gradients` gives (N, k, d), slot 0 = the last-position gradient a "last" describer reads,
+    and `describe` (with the round trip, taken at the last position) runs on it."""
+    model, tok = tiny
+    items = [GOOD, {"id": "b", "prompt": "The Battle of Hastings took place in", "right": "1066"}]
+    each = describer(model, tok, read="each", k=3)
+    per_position = item_gradients(each, items)
+    last = item_gradients(describer(model, tok), items)
+    assert per_position.shape == (2, 3, last.shape[-1]) and last.ndim == 2
+    np.testing.assert_allclose(per_position[:, 0], last, rtol=1e-5, atol=1e-7)
+    assert np.abs(per_position[:, 1] - per_position[:, 0]).max() > 0  # a later position is not a copy of the first
+    out = describe(items, describer=each, max_new_tokens=3, faithfulness=True)
+    assert [r["id"] for r in out] == ["a", "b"] and all(
+        np.isfinite(r["roundtrip_cosine"]) or r["to"] is None for r in out
+    )
 
 
 def test_summary_line_counts_parsed_fields():

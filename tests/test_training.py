@@ -18,7 +18,7 @@ from gradsense.training import (
     value_limit,
 )
 
-from describer_helpers import LABELS, config, describer, grads
+from describer_helpers import LABELS, D, config, describer, grads
 
 
 def test_training_is_seeded_and_records_a_curve(tiny):
@@ -46,6 +46,24 @@ def test_training_is_seeded_and_records_a_curve(tiny):
         train_projector(model, tok, grads(3), LABELS[:2], config(), train, progress=False)
     with pytest.raises(GradsenseError, match="control_share"):
         train_projector(model, tok, grads(3), LABELS[:3], config(), TrainConfig(control_share=2), progress=False)
+
+
+def test_a_per_position_describer_trains_and_describes(tiny):
+    """read "each": (N, k, d) gradients train the projector (every slot's block moves off the lens init, noise rows
+    keep the shape, a rerun is identical), and the describer describes (N, k, d) gradients; (N, d) gradients are
+    refused with the expected shape named."""
+    model, tok = tiny
+    cfg = config(read="each", k=3, init="lens")
+    g = np.random.default_rng(0).standard_normal((12, 3, D)).astype(np.float32)
+    train = TrainConfig(steps=3, batch_size=6, lr=0.05, control_share=0.34, context_share=0.0)
+    (d, curve), (_, again) = [train_projector(model, tok, g, LABELS, cfg, train, progress=False) for _ in range(2)]
+    np.testing.assert_array_equal(curve["loss"], again["loss"])
+    moved = (d.projector.net.weight.detach().view(3, D, D) + torch.eye(D)).abs().amax(dim=(1, 2))
+    assert (moved > 1e-3).all()
+    described = d.describe_gradients(g[:4], control="noise", max_new_tokens=4)
+    assert len(described) == 4 and described["description"].str.len().gt(0).all()
+    with pytest.raises(GradsenseError, match=r"\(N, 3, d\) gradients"):
+        train_projector(model, tok, grads(), LABELS, cfg, train, progress=False)
 
 
 def test_batch_plan_sees_every_item_before_any_repeats():

@@ -26,6 +26,7 @@ from gradsense.teacher import parse_label
 
 CONTROLS = ("gradient", "none", "noise", "shuffle")  # what the describer is given: see `Describer.vectors`
 INITS = ("random", "lens")  # how a projector starts: see `Projector`
+READS = ("last", "each")  # which gradient positions the projector reads: see `DescriberConfig.read`
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DescriberConfig:
     question: str = QUESTION
     no_pressure: str = NO_PRESSURE
     max_value_tokens: int | None = None  # the longest trained head value (+ its field stop); decoding's cap
+    read: str = "last"  # "last": the gradient at the last prompt token; "each": slot j reads target position j
 
     def check(self, model: nn.Module) -> None:
         """Validate the settings against a model (one-line GradsenseError)."""
@@ -62,6 +64,10 @@ class DescriberConfig:
             raise GradsenseError(f"train.init 'lens' needs train.kind 'linear', not {self.kind!r}")
         if not isinstance(self.k, int) or self.k < 1:
             raise GradsenseError(f"train.k must be a positive integer, not {self.k!r}")
+        if self.read not in READS:
+            raise GradsenseError(f"train.read must be one of {', '.join(READS)}, not {self.read!r}")
+        if self.read == "each" and self.kind != "linear":
+            raise GradsenseError(f"train.read 'each' needs train.kind 'linear', not {self.kind!r}")
         if self.precision not in ("fp32", "bf16"):
             raise GradsenseError(f"train.precision must be 'fp32' or 'bf16', not {self.precision!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
@@ -112,14 +118,24 @@ class Projector(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(()), requires_grad=mode == "raw")
 
     def forward(self, grads: torch.Tensor) -> torch.Tensor:
-        """(B, d) gradients → (B, k, d) vectors to inject."""
+        """(B, d) gradients → (B, k, d) vectors to inject; (B, k, d) gradients, one per target-predicting position
+        (`read="each"`) → slot j reads position j alone through its own block of the linear map."""
         if grads.shape[-1] != self.d_model:
             raise GradsenseError(f"gradient width {grads.shape[-1]} != projector width {self.d_model}")
-        if self.mode == "norm":
-            out = self.net(grads / grads.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        scaled = grads / grads.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.mode == "norm" else grads
+        if self.mode == "raw":
+            scaled = scaled / self.grad_norm_ref
+        if grads.ndim == 3:
+            if self.kind != "linear" or grads.shape[1] != self.k:
+                raise GradsenseError(
+                    f"per-position gradients {tuple(grads.shape)} need a linear projector of k = {self.k}"
+                )
+            weight = self.net.weight.view(self.k, self.d_model, self.d_model)
+            out = torch.einsum("bki,koi->bko", scaled, weight)
+            out = out + self.net.bias.view(self.k, self.d_model) if self.net.bias is not None else out
         else:
-            out = self.net(grads / self.grad_norm_ref) * self.log_scale.exp()
-        return out.view(len(grads), self.k, self.d_model)
+            out = self.net(scaled).view(len(grads), self.k, self.d_model)
+        return out if self.mode == "norm" else out * self.log_scale.exp()
 
 
 def new_projector(d_model: int, config: DescriberConfig) -> Projector:

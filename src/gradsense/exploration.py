@@ -20,8 +20,8 @@ import pandas as pd
 from gradsense.baselines import roundtrip_cosines
 from gradsense.describer import Describer
 from gradsense.errors import GradsenseError
-from gradsense.gradients import activation_gradients
-from gradsense.items import check_lengths, item_problem
+from gradsense.gradients import activation_gradients, last_position
+from gradsense.items import check_lengths, item_gradients, item_problem
 from gradsense.oracle import top_shift, virtual_step, virtual_steps
 from gradsense.scoring import target_text
 
@@ -121,18 +121,15 @@ def explore(
     check_lengths(describer, [item, other_item], sentence_tokens)
     source = config.source_layer
     layer = source if layer is None else int(layer)
-    layers = [source] if layer == source else [source, layer]
+    g = item_gradients(describer, [item, other_item])  # what the describer reads (per position with read "each")
     with describer.original_model():
-        grads = activation_gradients(
-            model,
-            tok,
-            [item["prompt"], other_item["prompt"]],
-            [target_text(item["right"]), target_text(other_item["right"])],
-            layers,
-            ids=["explore", "other"],
-            progress=False,
-        ).grads
-        g, g_step = grads[0], grads[layers.index(layer)][0]
+        g_step = (
+            last_position(g)[0]
+            if layer == source
+            else activation_gradients(
+                model, tok, [item["prompt"]], [target_text(item["right"])], [layer], progress=False
+            ).grads[0, 0]
+        )
         step = virtual_step(model, tok, item["prompt"], g_step, layer, alpha)
         moved = virtual_steps(
             model,
@@ -156,7 +153,8 @@ def explore(
         answers.loc["wrong"] = [item["wrong"], moved["logp_source_old"], moved["dlogp_source"]]
     heads = _heads(describer, g, item["context"], other_item, seed, sentence_tokens)
     with describer.original_model():
-        cosine = roundtrip_cosines(model, tok, [item["prompt"]], [heads.loc["gradient", "to"]], g[:1], source)[0]
+        to = [heads.loc["gradient", "to"]]
+        cosine = roundtrip_cosines(model, tok, [item["prompt"]], to, last_position(g[:1]), source)[0]
     return Exploration(
         prompt=item["prompt"],
         right=item["right"],

@@ -60,10 +60,17 @@ def external_passages(folder: str | Path | None = None) -> pd.DataFrame:
 
 
 def external_gradients(
-    model: nn.Module, tokenizer, items: pd.DataFrame, layers: list[int], batch_size: int = 32, progress: bool = False
+    model: nn.Module,
+    tokenizer,
+    items: pd.DataFrame,
+    layers: list[int],
+    batch_size: int = 32,
+    progress: bool = False,
+    position: str = "last",
+    slots: int = 4,
 ) -> np.ndarray:
     """(L, N, d) activation gradients of the items' targets at `layers`, last prompt position (as the gradients
-    stage)."""
+    stage); position "each": (L, N, slots, d), one per target-predicting position."""
     if items.empty:
         raise GradsenseError("no external items")
     result = activation_gradients(
@@ -72,9 +79,10 @@ def external_gradients(
         items["prompt"].tolist(),
         [target_text(t) for t in items["target"]],
         list(layers),
-        "last",
+        position,
         batch_size,
         items["id"].tolist(),
         progress=progress,
+        slots=slots,
     )
     return result.grads

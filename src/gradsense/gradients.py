@@ -26,15 +26,15 @@ from gradsense.models import blocks, check_layer, model_device, n_layers
 from gradsense.sampling import stratified
 from gradsense.scoring import Batch, batches, encode, target_text, tokenize_prompt, tokenize_target
 
-POSITIONS = ("last", "target")
+POSITIONS = ("last", "target", "each")
 
 
 @dataclass
 class ActivationGradients:
     """Gradients and activations at the output of each requested block, one row per item (float32 numpy)."""
 
-    grads: np.ndarray  # (L, N, d_model) d loss / d h at the site
-    acts: np.ndarray  # (L, N, d_model) h at the site (mean over the sites when position="target")
+    grads: np.ndarray  # (L, N, d_model) d loss / d h at the site; (L, N, slots, d_model) when position="each"
+    acts: np.ndarray  # (L, N, d_model) h at the site (mean over the sites when position="target"), like grads
     loss: np.ndarray  # (N,) summed target NLL in nats
     layers: list[int]
     ids: list
@@ -124,10 +124,27 @@ def target_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return torch.zeros(len(where), dtype=picked.dtype, device=picked.device).index_add(0, rows, -picked)
 
 
-def _select(x: torch.Tensor, batch: Batch, position: str, reduce: str) -> torch.Tensor:
-    """(B, T, d) → (B, d): the last prompt position, or the sum/mean over the target-predicting positions."""
+def each_position(batch: Batch, slots: int) -> torch.Tensor:
+    """(B, slots) indices of the first `slots` target-predicting positions of each row (they run from the last
+    prompt token on), the last one repeated when a target has fewer tokens."""
+    n_target = batch.target_positions.sum(1, keepdim=True)
+    offsets = torch.arange(slots, device=n_target.device)[None, :]
+    return batch.last_prompt[:, None].to(n_target.device) + torch.minimum(offsets, n_target - 1)
+
+
+def last_position(grads: np.ndarray) -> np.ndarray:
+    """(N, d) gradients at the last prompt position from (N, d) or per-position (N, slots, d) ones (slot 0)."""
+    grads = np.asarray(grads)
+    return grads[:, 0] if grads.ndim == 3 else grads
+
+
+def _select(x: torch.Tensor, batch: Batch, position: str, reduce: str, slots: int = 1) -> torch.Tensor:
+    """(B, T, d) → (B, d): the last prompt position, or the sum/mean over the target-predicting positions;
+    "each": (B, slots, d), one row per target-predicting position (`each_position`)."""
     if position == "last":
         return x[torch.arange(len(x), device=x.device), batch.last_prompt]
+    if position == "each":
+        return x[torch.arange(len(x), device=x.device)[:, None], each_position(batch, slots).to(x.device)]
     where = batch.target_positions[..., None].to(x.dtype)
     total = (x * where).sum(1)
     return total if reduce == "sum" else total / where.sum(1)
@@ -175,7 +192,7 @@ def _unit_hooks(model: nn.Module, layers: list[int], keep: Callable) -> tuple[di
 
 
 def _batch_gradients(
-    model: nn.Module, batch: Batch, layers: list[int], position: str, units: bool, ids: Sequence
+    model: nn.Module, batch: Batch, layers: list[int], position: str, units: bool, ids: Sequence, slots: int = 1
 ) -> dict[str, torch.Tensor]:
     """Forward once with the graph cut at the earliest layer, then one autograd.grad for every recorded site."""
     sites: dict[str, torch.Tensor] = {}
@@ -195,7 +212,8 @@ def _batch_gradients(
     _check_finite(ids, loss.detach(), list(grads.values()))
 
     def at_position(source: dict[str, torch.Tensor], kind: str, reduce: str) -> torch.Tensor:
-        return torch.stack([_select(source[f"{kind}{layer}"].detach(), batch, position, reduce) for layer in layers])
+        picked = [_select(source[f"{kind}{layer}"].detach(), batch, position, reduce, slots) for layer in layers]
+        return torch.stack(picked)
 
     out = {"loss": loss.detach(), "grads": at_position(grads, "h", "sum"), "acts": at_position(sites, "h", "mean")}
     if units:
@@ -218,15 +236,20 @@ def activation_gradients(
     padding_side: str = "left",
     units: bool = False,
     progress: bool = True,
+    slots: int = 4,
 ) -> ActivationGradients:
     """Gradient of each item's summed target NLL w.r.t. the output of each block in `layers` (float32, (L, N, d)).
 
     `targets` are continuation strings (use `scoring.target_text(answer)`). position="last": at the last prompt
-    token; "target": summed over the positions that predict target tokens. units=True also returns the MLP
+    token; "target": summed over the positions that predict target tokens; "each": (L, N, slots, d), the gradient
+    at each of the first `slots` target-predicting positions (the last repeated for shorter targets; with
+    units=False only). units=True also returns the MLP
     hidden units of those blocks (values, gradients, and the squared gradient at each unit's two input projections).
     """
     if position not in POSITIONS:
         raise GradsenseError(f"position must be one of {POSITIONS}, not {position!r}")
+    if position == "each" and (units or not isinstance(slots, int) or slots < 1):
+        raise GradsenseError(f"position 'each' needs slots ≥ 1 and units=False, got slots={slots!r}, units={units}")
     layers = [check_layer(model, layer) for layer in ([layers] if isinstance(layers, int) else layers)]
     if not layers or len(set(layers)) != len(layers):
         raise GradsenseError(f"layers must be distinct block indices, got {layers}")
@@ -242,7 +265,7 @@ def activation_gradients(
     for rows in tqdm(groups, desc="activation gradients", disable=not progress):
         names = _pick(ids, rows)
         batch = encode(tokenizer, _pick(prompts, rows), _pick(targets, rows), padding_side, names).to(device)
-        out = _batch_gradients(model, batch, layers, position, units, names)
+        out = _batch_gradients(model, batch, layers, position, units, names, slots)
         out["n_target_tokens"] = batch.target_positions.sum(1)
         parts.append({k: v.float().cpu() for k, v in out.items()})
     order = np.argsort(np.concatenate(groups), kind="stable")  # back to the caller's row order

@@ -75,21 +75,23 @@ def check_lengths(describer: Describer, items: Sequence[Mapping], max_new_tokens
 def item_gradients(
     describer: Describer, items: Sequence[Mapping], batch_size: int = 32, progress: bool = False
 ) -> np.ndarray:
-    """(N, d) gradients of each item's loss on `right` at the describer's source layer, from the original model."""
+    """What the describer reads of each item's loss on `right`, from the original model at its source layer: (N, d)
+    at the last prompt position, or (N, k, d) at each target-predicting position when `config.read` is "each"."""
     from gradsense.gradients import activation_gradients
 
-    prompts = [it["prompt"] for it in items]
-    targets = [target_text(it["right"]) for it in items]
+    config = describer.config
     with describer.original_model():
         result = activation_gradients(
             describer.model,
             describer.tokenizer,
-            prompts,
-            targets,
-            [describer.config.source_layer],
-            batch_size=batch_size,
-            ids=[it["id"] for it in items],
+            [it["prompt"] for it in items],
+            [target_text(it["right"]) for it in items],
+            [config.source_layer],
+            "each" if config.read == "each" else "last",
+            batch_size,
+            [it["id"] for it in items],
             progress=progress,
+            slots=config.k,
         )
     return np.asarray(result.grads[0], dtype=np.float32)
 
@@ -128,6 +130,7 @@ def describe(
     rows = table[list(FIELDS[1:])].astype(object).where(table.notna(), None).to_dict("records")
     if faithfulness:
         from gradsense.baselines import roundtrip_cosines
+        from gradsense.gradients import last_position
 
         with describer.original_model():
             cosines = roundtrip_cosines(
@@ -135,7 +138,7 @@ def describe(
                 describer.tokenizer,
                 [it["prompt"] for it in items],
                 [row["to"] for row in rows],
-                grads,
+                last_position(grads),
                 describer.config.source_layer,
             )
         for row, cos in zip(rows, cosines):

@@ -116,7 +116,7 @@ def batch_rows(
     g = grads[torch.as_tensor(idx)]
     noisy = torch.as_tensor(noise_like(g.numpy(), rng))
     kinds_t = torch.as_tensor(kinds)
-    g = torch.where((kinds_t == 1)[:, None], noisy, g)
+    g = torch.where((kinds_t == 1).view(-1, *[1] * (g.ndim - 1)), noisy, g)
     vectors = describer.projector(g.to(describer.device))
     vectors = vectors * (kinds_t != 2).to(vectors)[:, None, None]  # zero = no injection in both modes
     row_labels = [labels[i] if kind == 0 else describer.config.no_pressure for i, kind in zip(idx, kinds)]
@@ -178,8 +178,11 @@ def train_projector(
     config.check(model)
     train.check()
     grads_t = torch.as_tensor(np.asarray(grads), dtype=torch.float32)
-    if grads_t.ndim != 2 or len(grads_t) != len(labels) or len(labels) == 0:
-        raise GradsenseError(f"need (N, d) gradients and N labels, got {tuple(grads_t.shape)} and {len(labels)} labels")
+    shape = "(N, d)" if config.read == "last" else f"(N, {config.k}, d)"
+    if grads_t.ndim != (2 if config.read == "last" else 3) or len(grads_t) != len(labels) or len(labels) == 0:
+        raise GradsenseError(
+            f"need {shape} gradients and N labels, got {tuple(grads_t.shape)} and {len(labels)} labels"
+        )
     if not torch.isfinite(grads_t).all():
         raise GradsenseError("training gradients contain non-finite values")
     if hard_negatives is not None and len(hard_negatives) != len(labels):
@@ -187,7 +190,7 @@ def train_projector(
     config.max_value_tokens = value_limit(tokenizer, [*labels, config.no_pressure])
     torch.manual_seed(train.seed)
     rng = np.random.default_rng(train.seed)
-    projector = new_projector(grads_t.shape[1], config)
+    projector = new_projector(grads_t.shape[-1], config)
     params = list(projector.parameters())
     if config.lora_rank > 0:
         params += add_lora(model, config.lora_rank, config.lora_alpha, config.inject_layer)

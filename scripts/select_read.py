@@ -1,0 +1,118 @@
+"""Choose which gradient positions the describer reads, on the validation split (run once by hand; not a stage).
+
+Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...]     SPEC = last<k> | each<k>, e.g. last4 each6
+Needs the pipeline's corrections, gradients and oracle outputs under results/. For each spec, trains the train
+stage's describer (params.yaml settings: linear projector reading block 22, lens init, injected at block 15, LoRA 8,
+bfloat16) with k slots that read either the last prompt position's gradient (`last`, every slot from the same
+vector, as the pipeline) or one target-predicting position each (`each`: slot j reads the gradient at the position
+that predicts target token j, the last repeated for shorter targets), and prints domain accuracy and answer recall
+on 200 validation-split items (trained templates and domains), for history alone and for targets that are years.
+The choice is made on those numbers. For the record only, it also prints the same on the external new-phrasings set
+(never trained on, not used for the choice); the test split is never read.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+import numpy as np
+from select_init import rates  # scripts/ is on the path of a script run from it
+from select_source_layer import selection_inputs, train_describer
+
+import gradsense
+from gradsense import evaluate as ev
+from gradsense import external as ex
+from gradsense.describer import DescriberConfig
+from gradsense.gradients import activation_gradients
+from gradsense.sampling import stratified
+from gradsense.scoring import target_text
+from gradsense.training import TrainConfig
+
+SOURCE_LAYER = 22
+
+
+def position_gradients(model, tokenizer, items, n_rows: int, slots: int) -> np.ndarray:
+    """(n_rows, slots, d) block-22 gradients, one per target-predicting position, filled at the items' rows."""
+    result = activation_gradients(
+        model,
+        tokenizer,
+        items["prompt"].tolist(),
+        [target_text(t) for t in items["target"]],
+        [SOURCE_LAYER],
+        "each",
+        32,
+        items["id"].tolist(),
+        slots=slots,
+    )
+    out = np.zeros((n_rows, *result.grads.shape[2:]), dtype=np.float32)
+    out[items["row"].to_numpy()] = result.grads[0]
+    return out
+
+
+def report(scored, items, seen=None) -> str:
+    """All rows, then history alone and targets that are years."""
+    history = (items["domain"] == "history").to_numpy()
+    years = items["target"].str.fullmatch(r"\d{3,4}").to_numpy()
+    return (
+        f"{rates(scored, seen)}; history {rates(scored[history])}; years {rates(scored[years])}"
+        if years.any()
+        else f"{rates(scored, seen)}; history {rates(scored[history])}"
+    )
+
+
+def main(epochs: float, specs: list[str]) -> None:
+    """Train and score one describer per spec on the validation split (and, for the record, the new phrasings)."""
+    inputs = selection_inputs()
+    scored_items = stratified(inputs.val_pool, "domain", 200, order="shuffle", seed=0)
+    seen = ev.seen_answers(scored_items["target"], inputs.train_items["target"])
+    model, tokenizer = gradsense.load_model(None)  # gradients come from the frozen model
+    needed = inputs.stage.items[
+        inputs.stage.items["row"].isin(
+            np.concatenate([inputs.train_items["row"], inputs.val_set["row"], scored_items["row"]])
+        )
+    ]
+    n_rows = len(inputs.stage.arrays["ids"])
+    external = ex.external_items(max_items=160, seed=0)
+    phrasings = external[external["set"] == ex.NEW_PHRASINGS].reset_index(drop=True)
+    phrasings = phrasings.assign(row=np.arange(len(phrasings)))
+    options = {
+        "seed": 0,
+        "batch_size": 64,
+        "max_new_tokens": 0,
+        "domains": sorted(inputs.stage.items["domain"].unique()),
+    }
+    for spec in specs:
+        match = re.fullmatch(r"(last|each)(\d+)", spec)
+        if match is None:
+            raise SystemExit(f"spec {spec!r} is not last<k> or each<k>")
+        read, k = match[1], int(match[2])
+        if read == "last":
+            grads = inputs.stage.vectors("grads", SOURCE_LAYER)
+            ext_grads = ex.external_gradients(model, tokenizer, phrasings, [SOURCE_LAYER], 32)[0]
+        else:
+            grads = position_gradients(model, tokenizer, needed, n_rows, k)
+            ext_grads = ex.external_gradients(
+                model, tokenizer, phrasings, [SOURCE_LAYER], 32, position="each", slots=k
+            )[0]
+        config = DescriberConfig(
+            source_layer=SOURCE_LAYER, inject_layer=15, k=k, init="lens", lora_rank=8, precision="bf16", read=read
+        )
+        fresh, fresh_tokenizer = gradsense.load_model(None)  # LoRA changes the model in place: a fresh one per spec
+        train = TrainConfig(
+            epochs=epochs, batch_size=16, control_share=0.2, context_share=0.75, hard_share=0.3, eval_every=35
+        )
+        start = time.perf_counter()
+        describer = train_describer(fresh, fresh_tokenizer, inputs, grads, config, train)
+        val = ev.describe_items(describer, grads, scored_items, **options)
+        new = ev.describe_items(describer, ext_grads, phrasings, **options)
+        print(
+            f"{spec} ({time.perf_counter() - start:.0f} s): validation {report(val, scored_items, seen)}; "
+            f"new phrasings (not for the choice) {report(new, phrasings)}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]), sys.argv[2:])
