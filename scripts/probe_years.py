@@ -26,13 +26,11 @@ import sys
 
 import numpy as np
 import pandas as pd
-import torch
 
 import gradsense
 from gradsense.analysis import lens_ranks, model_lens, probe_predictions
-from gradsense.gradients import activation_gradients, target_loss
-from gradsense.hooks import edit_block_outputs
-from gradsense.scoring import encode, target_text
+from gradsense.gradients import activation_gradients
+from gradsense.scoring import target_text
 
 DIGITS = ("thousands", "hundreds", "tens", "units")
 
@@ -50,53 +48,32 @@ def year_items(path: str = "data/facts/history.csv") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def digit_position_gradients(model, tokenizer, items: pd.DataFrame, layer: int, batch_size: int = 32) -> np.ndarray:
-    """(4, N, d): the gradient of the summed target NLL at the output of `layer`, at the position that predicts each
-    digit of the year (the target tokenises as a bare space, then one token per digit)."""
-    parts = []
-    for start in range(0, len(items), batch_size):
-        rows = items.iloc[start : start + batch_size]
-        batch = encode(tokenizer, rows["prompt"].tolist(), [target_text(t) for t in rows["target"]], "left")
-        site = {}
-
-        def cut(h: torch.Tensor) -> torch.Tensor:
-            site["h"] = h.detach().requires_grad_(True)
-            return site["h"]
-
-        with torch.enable_grad(), edit_block_outputs(model, {layer: cut}):
-            (grad,) = torch.autograd.grad(target_loss(model, batch).sum(), [site["h"]])
-        where = batch.target_positions.nonzero()  # row-major: each row's target-predicting positions in order
-        per_row = grad[where[:, 0], where[:, 1]].reshape(len(rows), -1, grad.shape[-1])
-        if per_row.shape[1] != 5:
-            raise SystemExit(f"a year should be 5 target tokens (space + 4 digits), got {per_row.shape[1]}")
-        parts.append(per_row[:, 1:].transpose(0, 1).float())  # drop the space-predicting (last prompt) position
-    return torch.cat(parts, dim=1).numpy()
-
-
 def main(layers: list[int]) -> None:
     """Print one row per (block, digit): gradient, activation and shuffled-label probe accuracy on held-out facts."""
     items = year_items()
     model, tokenizer = gradsense.load_model(None)
-    out = activation_gradients(
-        model, tokenizer, items["prompt"].tolist(), [target_text(t) for t in items["target"]], layers, progress=False
-    )
-    summed = activation_gradients(
+    # One pass: the gradient at each of the 5 target-predicting positions (a bare space, then one per digit).
+    each = activation_gradients(
         model,
         tokenizer,
         items["prompt"].tolist(),
         [target_text(t) for t in items["target"]],
         layers,
-        "target",
+        "each",
         progress=False,
+        slots=5,
     )
+    if (each.n_target_tokens != 5).any():
+        raise SystemExit("a year should be 5 target tokens (space + 4 digits)")
+    last, summed, per_digit = each.grads[:, :, 0], each.grads.sum(2), each.grads[:, :, 1:].transpose(0, 2, 1, 3)
+    acts = each.acts[:, :, 0]  # the activation at the last prompt position
     held = np.random.default_rng(0).permutation(items["fact"].max() + 1)[: int(0.3 * (items["fact"].max() + 1))]
     test = items["fact"].isin(held).to_numpy()
     train = ~test
     counterfactual = (items["direction"] == "counterfactual").to_numpy()[test]
     print(f"{items['fact'].nunique()} year facts, {len(items)} items: {train.sum()} probe-train, {test.sum()} held out")
-    per_digit = [digit_position_gradients(model, tokenizer, items, layer) for layer in out.layers]
     rows = []
-    for i_layer, layer in enumerate(out.layers):
+    for i_layer, layer in enumerate(each.layers):
         whole: dict[str, np.ndarray] = {}
         for i, name in enumerate(DIGITS):
             digit = items["target"].str[i].to_numpy()
@@ -109,10 +86,10 @@ def main(layers: list[int]) -> None:
             row["Backward Lens at its position"] = float(lens_right.mean())
             whole["Backward Lens at its position"] = whole.get("Backward Lens at its position", True) & lens_right
             for what, x, shuffle in (
-                ("gradient", out.grads[i_layer], False),
-                ("activation", out.acts[i_layer], False),
-                ("shuffled", out.grads[i_layer], True),
-                ("gradient summed over the target", summed.grads[i_layer], False),
+                ("gradient", last[i_layer], False),
+                ("activation", acts[i_layer], False),
+                ("shuffled", last[i_layer], True),
+                ("gradient summed over the target", summed[i_layer], False),
                 ("gradient at its position", per_digit[i_layer][i], False),
             ):
                 right = probe_predictions(x, digit, train, test, seed=0, shuffle=shuffle) == truth

@@ -16,7 +16,7 @@ from gradsense.oracle import (
     virtual_steps,
 )
 from gradsense.scoring import target_text
-from gradsense.shifts import greedy_answers, item_shifts, observed_tokens
+from gradsense.shifts import greedy_answers, item_shifts, observed_tokens, position_steps, whole_target_gains
 
 PROMPTS = ["The cat sat on", "A b", "Hello there, my friend is"]
 TARGETS = ["mat", "cde", "Bob"]
@@ -165,6 +165,44 @@ def test_item_shifts_record_whole_answers_before_and_after(tiny, grads):
     assert shifts["belief"].tolist() == greedy_answers(model, tok, PROMPTS, [1, 1, 1])
 
 
+def test_position_steps_move_each_listed_position_by_alpha_times_its_norm():
+    hidden = torch.randn(2, 6, 8)
+    where = torch.tensor([[3, 4, 4], [1, 2, 5]])
+    directions = unit_directions(torch.randn(6, 8)).view(2, 3, 8)
+    directions[0, 2] = 0  # a repeated position with a zero direction adds nothing
+    out = position_steps(where, directions, 0.2)(hidden)
+    moved = (out - hidden).norm(dim=-1)
+    for b, j in ((0, 0), (0, 1), (1, 0), (1, 1), (1, 2)):
+        assert torch.allclose(moved[b, where[b, j]], 0.2 * hidden[b, where[b, j]].norm(), rtol=1e-5)
+    moved[0, [3, 4]] = moved[1, [1, 2, 5]] = 0
+    assert float(moved.max()) == 0.0
+
+
+def test_whole_target_gains_step_every_target_position(tiny):
+    """Only the last-position slice given: the gain is `item_shifts`' dlogp_target (the oracle's step); every
+    position's own gradient: a different gain, positive for a small step (first order), recorded by item_shifts."""
+    model, tok = tiny
+    conts = [target_text(t) for t in TARGETS]
+    each = activation_gradients(model, tok, PROMPTS, conts, [LAYER], "each", slots=8, progress=False).grads[0]
+    assert (activation_gradients(model, tok, PROMPTS, conts, [LAYER], progress=False).n_target_tokens <= 8).all()
+    last_only = each.copy()
+    last_only[:, 1:] = 0
+    shifts = item_shifts(
+        model, tok, PROMPTS, TARGETS, SOURCES, each[:, 0], LAYER, 0.01, progress=False, grads_each=each
+    )
+    np.testing.assert_allclose(
+        whole_target_gains(model, tok, PROMPTS, conts, last_only, LAYER, 0.01),
+        shifts["dlogp_target"],
+        rtol=1e-3,
+        atol=1e-5,
+    )
+    gains = whole_target_gains(model, tok, PROMPTS, conts, each, LAYER, 0.01)
+    np.testing.assert_allclose(shifts["dlogp_target_each"], gains, rtol=1e-5)
+    assert (gains > 0).all() and np.abs(gains - shifts["dlogp_target"]).max() > 1e-4
+    with pytest.raises(GradsenseError, match="per-position gradients"):
+        whole_target_gains(model, tok, PROMPTS, conts, each[:, :1], LAYER, 0.01)
+
+
 def test_greedy_answers_stop_at_punctuation_and_the_word_limit(tiny):
     model, tok = tiny
     raw = [
@@ -241,3 +279,18 @@ def test_smol_step_raises_target_more_than_random(smol):
     assert (shifts["opposite_dlogp_target"] < 0).all()
     single = virtual_step(model, tok, prompts[0], g[0], 15, 0.03)
     assert single.dlogp.shape == (49152,)
+
+
+@pytest.mark.integration
+def test_smol_a_year_rises_when_every_target_position_steps(smol):
+    """A year is a bare space, then one token per digit: the last prompt position's step barely moves the whole
+    year, the step at every target-predicting position moves it by far more (years labelled `unclear` before)."""
+    model, tok = smol
+    prompts = ["The Battle of Hastings took place in the year", "The Peace of Westphalia was signed in the year"]
+    conts = [target_text(t) for t in ("1067", "1649")]
+    each = activation_gradients(model, tok, prompts, conts, [15], "each", slots=5, progress=False).grads[0]
+    last_only = each.copy()
+    last_only[:, 1:] = 0
+    last = whole_target_gains(model, tok, prompts, conts, last_only, 15, 0.03)
+    every = whole_target_gains(model, tok, prompts, conts, each, 15, 0.03)
+    assert (every > 0.5).all() and (every > 2 * np.maximum(last, 0.1)).all(), (last, every)

@@ -85,6 +85,18 @@ def test_a_label_for_a_multi_token_target_holds_the_whole_target():
     assert parse_label(TemplateTeacher(min_gain=2.0).label(rec))["to"] == "unclear"  # the oracle is the judge
 
 
+def test_the_whole_target_step_judges_clarity_when_the_oracle_took_it():
+    """A year whose last-position step barely moves it is clear when the step at every target-predicting position
+    (dlogp_target_each) raises it; that gain stays in the record (cache key), and NaN falls back to dlogp_target."""
+    year = {k: v for k, v in record(dlogp_target=0.1).items()}
+    assert parse_label(TemplateTeacher().label(year))["to"] == "unclear"
+    each = as_record(year | {"dlogp_target_each": 2.34567})
+    assert each["dlogp_target_each"] == 2.346 and record_key("t", each) != record_key("t", year)
+    assert parse_label(TemplateTeacher().label(each))["to"] == "1066"
+    assert parse_label(TemplateTeacher().label(as_record(year | {"dlogp_target_each": 0.2})))["to"] == "unclear"
+    assert "dlogp_target_each" not in as_record(year | {"dlogp_target_each": float("nan")})
+
+
 def test_language_model_teachers_see_the_facts_the_template_teacher_reads():
     with pytest.raises(GradsenseError, match="lacks"):
         as_record({"id": 1, "domain": "d", "target": "1066"})

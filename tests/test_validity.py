@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from gradsense.errors import GradsenseError
 from gradsense.gradients import activation_gradients
 from gradsense.scoring import next_token_logprobs, target_text
 from gradsense.validity import acceptance, faithfulness, real_step_validity, validity_summary
@@ -141,3 +142,30 @@ def test_label_faithfulness_and_clarity_by_hand():
     counts = clarity_counts(labelled, 0.5).set_index("split")
     # Item d's step lowered its target, yet its label names an answer: the label decides, the gain gives the reason.
     assert counts.loc["train"].tolist() == [2, 0, 0] and counts.loc["test"].tolist() == [1, 1, 0]
+
+
+def test_step_position_clarity_and_the_reason_by_hand():
+    """Per domain: the share each step makes clear; `clarity_counts` gives the whole-target gain as the reason."""
+    from gradsense.validity import clarity_counts, step_position_clarity
+
+    shifts = pd.DataFrame(
+        {
+            "domain": ["history", "history", "geo"],
+            "split": ["train"] * 3,
+            "dlogp_target": [0.1, 0.3, 1.0],
+            "dlogp_target_each": [2.0, 0.2, 1.1],
+            "label": [
+                "domain: history | from: a | to: 1066",
+                "domain: history | from: a | to: unclear",
+                "domain: geo | from: a | to: Paris",
+            ],
+        }
+    )
+    table = step_position_clarity(shifts, 0.5).set_index("domain")
+    assert table.loc["history", ["n", "clear_last", "clear_each"]].tolist() == [2, 0.0, 0.5]
+    assert table.loc["all", ["n", "clear_last", "clear_each"]].tolist() == [3, 1 / 3, 2 / 3]
+    assert table.loc["history", "median_gain_each"] == pytest.approx(1.1)
+    counts = clarity_counts(shifts, 0.5).set_index("split")
+    assert counts.loc["train"].tolist() == [2, 1, 0]  # the unclear item's whole-target gain 0.2 > 0: "raised < 0.5"
+    with pytest.raises(GradsenseError, match="step_positions"):
+        step_position_clarity(shifts.drop(columns="dlogp_target_each"), 0.5)

@@ -9,7 +9,10 @@
 #    KL, the tokens pushed up and down, and the model's own answer now (its greedy continuation); a teacher turns
 #    each record into a label `domain: <d> | from: <answer now> | to: <whole target>` + one sentence, e.g.
 #    `domain: history | from: 1799 | to: 1789`. The oracle is the judge: an item whose step raises the target by
-#    less than `unclear_min_gain` nats is labelled `to: unclear` and left out of training (counted below).
+#    less than `unclear_min_gain` nats is labelled `to: unclear` and left out of training (counted below). With
+#    `step_positions = "each"` that gain is the one of the step at *every* target-predicting position, each along
+#    its own gradient (the whole target's gradient): a year's last prompt position predicts only a bare space, so
+#    the last-position step alone leaves most years `unclear` (the table `step_positions` shows both).
 # 3. **Oracle validity**: one real SGD step on all the weights with the same loss, compared with the virtual step
 #    (rank correlation over the top-N tokens, sign agreement, top promoted token), against a random direction.
 # 4. **Faithfulness**: how often the top promoted token is the target's first visible token.
@@ -37,6 +40,7 @@ teacher = "template"
 teacher_model = None
 teacher_url = None
 unclear_min_gain = 0.5
+step_positions = "each"
 examples_per_domain = 2
 
 # %%
@@ -50,13 +54,22 @@ from gradsense import oracle, validity
 from gradsense.corrections import load_corrections
 from gradsense.errors import GradsenseError
 from gradsense.files import read_jsonl, write_jsonl
-from gradsense.gradients import extracted_layer, load_gradients
+from gradsense.gradients import activation_gradients, extracted_layer, load_gradients
 from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.sampling import stratified
+from gradsense.scoring import target_text
 from gradsense.seeding import seed_everything
 from gradsense.shifts import item_shifts
-from gradsense.teacher import UNCLEAR, as_record, label_records, make_teacher, normalize_answer, parse_label
+from gradsense.teacher import (
+    UNCLEAR,
+    as_record,
+    clarity_gain,
+    label_records,
+    make_teacher,
+    normalize_answer,
+    parse_label,
+)
 
 paths = Paths("..")
 RESULTS, FIGURES = paths.results("oracle"), paths.figures("oracle")
@@ -125,6 +138,21 @@ chosen
 
 # %%
 label_frame = stratified(items, ["split", "direction", "domain"], max_items, **even)
+if step_positions not in ("last", "each"):
+    raise GradsenseError(f"oracle.step_positions must be 'last' or 'each', not {step_positions!r}")
+grads_each = None
+if step_positions == "each":  # the gradient at every target-predicting position, at the stepped block
+    grads_each = activation_gradients(
+        model,
+        tokenizer,
+        label_frame["prompt"].tolist(),
+        [target_text(t) for t in label_frame["target"]],
+        [layer],
+        "each",
+        batch_size,
+        label_frame["id"].tolist(),
+        slots=int(arrays["n_target_tokens"][label_frame["row"].to_numpy()].max()),
+    ).grads[0]
 shifts = item_shifts(
     model,
     tokenizer,
@@ -139,6 +167,7 @@ shifts = item_shifts(
     batch_size=batch_size,
     seed=seed,
     ids=label_frame["id"].tolist(),
+    grads_each=grads_each,
 )
 shifts = label_frame.drop(columns="row").merge(shifts, on="id")
 teach = make_teacher(teacher, teacher_model, teacher_url, unclear_min_gain)
@@ -166,7 +195,7 @@ label_columns = [
     "kl",
     "alpha",
     "layer",
-]
+] + (["dlogp_target_each"] if grads_each is not None else [])
 write_jsonl(shifts[label_columns].to_dict("records"), paths.labels, sort_keys=True)
 save_table(
     shifts.drop(columns=["label"]).assign(
@@ -178,6 +207,10 @@ save_table(
 clarity = validity.clarity_counts(shifts, unclear_min_gain)  # the labels decide; the gain says why
 save_table(clarity, RESULTS, "label_clarity")
 print(clarity.to_string(index=False))
+if grads_each is not None:  # which items the whole-target step makes clear, by domain
+    positions_table = validity.step_position_clarity(shifts, unclear_min_gain)
+    save_table(positions_table, RESULTS, "step_positions")
+    print(positions_table.to_string(index=False))
 shifts[["id", "domain", "direction", "target", "belief", "dlogp_target", "label"]].head(8)
 
 # %% [markdown]
@@ -300,7 +333,7 @@ assert parsed["domain"].notna().all() and parsed["to"].notna().all() and parsed[
 assert (parsed["domain"] == shifts["domain"].str.lower()).all()
 clear = (parsed["to"] != UNCLEAR).to_numpy()
 assert (parsed["to"][clear].map(normalize_answer) == shifts["target"][clear].map(normalize_answer)).all()
-gain = np.array([r["dlogp_target"] for r in records])  # the teacher's view: rounded to 3 decimals
+gain = np.array([clarity_gain(r) for r in records])  # the teacher's view (rounded to 3 decimals): the gain judged
 assert (clear == (gain >= unclear_min_gain)).all() and clarity["clear"].sum() == clear.sum()
 # The labelled dataset on disk is the labelling pass: same ids, labels and observed tokens, in order.
 labels_back = pd.DataFrame(read_jsonl(paths.labels))

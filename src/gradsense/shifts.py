@@ -3,21 +3,26 @@
 `item_shifts` runs the step for every item and records, per item, the teacher-forced log-probability of the whole
 target and the whole source before and after the step, the model's own current answer (`greedy_answers`), and the
 tokens the step promotes and demotes most (`observed_tokens`, among tokens the model gives some probability).
+With per-position gradients it also records `dlogp_target_each` (`whole_target_gains`): the same step taken at
+every position that predicts a target token, each along its own gradient, which is the step of the whole target's
+gradient (a year's last prompt position predicts only a bare space; its digits are predicted after it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from gradsense.errors import GradsenseError
+from gradsense.gradients import each_position
 from gradsense.hooks import edit_block_output
 from gradsense.models import check_layer, model_device
 from gradsense.oracle import STEP_KINDS, check_alphas, step_edit, top_shift, unit_directions, virtual_steps
-from gradsense.scoring import batches, encode, first_visible_token, forward
+from gradsense.scoring import batches, encode, first_visible_token, forward, target_nll, target_text
 
 ANSWER_END = ".,;:!?\n"  # a greedy continuation's answer ends before the first of these
 ARTICLES = ("the", "a", "an")  # dropped from the start of a greedy answer ("the pancreas" → "pancreas")
@@ -117,6 +122,57 @@ def greedy_answers(
     return answers
 
 
+def position_steps(where: torch.Tensor, directions: torch.Tensor, alpha: float):
+    """edit_fn(h): row b's hidden state at each position where[b, j] becomes h − α·directions[b, j]·‖h‖ (a zero
+    direction leaves it; a position listed twice gets both shifts)."""
+
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(where)
+        h = hidden[rows, where].float()
+        shift = (-alpha * directions.to(h) * h.norm(dim=-1, keepdim=True)).to(hidden.dtype)
+        return hidden + torch.zeros_like(hidden).index_put_((rows, where), shift, accumulate=True)
+
+    return edit
+
+
+@torch.no_grad()
+def whole_target_gains(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    grads_each,
+    layer: int,
+    alpha: float,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """(N,) Δ teacher-forced log p(whole target) when the output h_j of block `layer` at every target-predicting
+    position j becomes h_j − α·(g_j/‖g_j‖)·‖h_j‖, with g_j the gradient at that position (`grads_each`: (N, S, d)
+    from `activation_gradients(position="each")`, S ≥ every target's token count). `targets` are continuations."""
+    layer = check_layer(model, layer)
+    (alpha,) = check_alphas([alpha])
+    grads_each = torch.as_tensor(np.asarray(grads_each), dtype=torch.float32)
+    if grads_each.ndim != 3 or len(grads_each) != len(prompts) or len(targets) != len(prompts):
+        raise GradsenseError(
+            f"need (N, S, d) per-position gradients for {len(prompts)} items, got {tuple(grads_each.shape)}"
+        )
+    units = grads_each / grads_each.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    device, gains = model_device(model), []
+    for part in batches(len(prompts), batch_size):
+        batch = encode(tokenizer, list(prompts[part]), list(targets[part])).to(device)
+        n_target = batch.target_positions.sum(1)
+        slots = units.shape[1]
+        if int(n_target.max()) > slots:
+            raise GradsenseError(f"a target has {int(n_target.max())} tokens but only {slots} per-position gradients")
+        used = (torch.arange(slots, device=device)[None, :] < n_target[:, None]).float()  # repeats add nothing
+        edit = position_steps(each_position(batch, slots), units[part].to(device) * used[..., None], alpha)
+        before = target_nll(forward(model, batch).logits.float(), batch.labels)
+        with edit_block_output(model, layer, edit):
+            after = target_nll(forward(model, batch).logits.float(), batch.labels)
+        gains.append((before - after).cpu())
+    return torch.cat(gains).numpy().astype(np.float64)
+
+
 # --- the labelling pass: one α, every item ---------------------------------------------------------------------
 
 
@@ -135,6 +191,7 @@ def item_shifts(
     seed: int = 0,
     ids: Sequence[object] | None = None,
     progress: bool = True,
+    grads_each=None,
 ) -> pd.DataFrame:
     """One row per item at the labelling α: the −g step's shift, its +g and random controls, and the observed tokens.
 
@@ -143,7 +200,8 @@ def item_shifts(
     random_dlogp_target, random_kl, belief (the model's greedy answer now, `greedy_answers`, at most as many words
     as the longer answer), up_tokens / down_tokens (visible text of the top-k), to_token / from_token (top promoted
     / demoted, whitespace tokens extended by one step), target_first / source_first (first visible token of the
-    dataset answers).
+    dataset answers); with `grads_each` ((N, S, d) per-position gradients) also dlogp_target_each
+    (`whole_target_gains`), by which the teacher then judges clarity (`teacher.clarity_gain`).
     """
     (alpha,) = check_alphas([alpha])
     names = list(ids) if ids is not None else list(range(len(prompts)))
@@ -183,6 +241,11 @@ def item_shifts(
     words = [max(len(str(t).split()), len(str(s).split())) for t, s in zip(targets, sources)]
     belief = greedy_answers(model, tokenizer, prompts, words, batch_size=max(1, batch_size // 2))
     logp_old = grad["logp_target_old"].to_numpy()
+    extra = {}
+    if grads_each is not None:
+        conts = [target_text(t) for t in targets]
+        gains = whole_target_gains(model, tokenizer, prompts, conts, grads_each, layer, alpha, max(1, batch_size // 2))
+        extra["dlogp_target_each"] = gains
     return pd.DataFrame(
         {
             "id": names,
@@ -205,5 +268,6 @@ def item_shifts(
             "from_token": from_tok,
             "target_first": [first_visible_token(tokenizer, t) for t in targets],
             "source_first": [first_visible_token(tokenizer, s) for s in sources],
+            **extra,
         }
     )

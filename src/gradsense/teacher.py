@@ -29,6 +29,7 @@ NO_TOKEN = "<none>"  # the head's token when the oracle observed nothing
 NO_DOMAIN = "none"  # the head's domain when no pressure is felt (no injection, noise)
 UNCLEAR = "unclear"  # the head's `to` when the oracle's step does not raise the target
 PROMPT_VERSION = "v2"  # bump when the language-model prompt changes: it is part of the cache key
+OPTIONAL_FIELDS = ("dlogp_target_each",)  # kept in a record when the oracle measured them (`shifts.item_shifts`)
 RECORD_FIELDS = (
     "id",
     "domain",
@@ -107,12 +108,22 @@ def as_record(row: dict) -> dict:
         elif isinstance(value, tuple):
             value = list(value)
         out[field] = value if field != "id" else str(value)
+    for field in OPTIONAL_FIELDS:
+        if field in row and row[field] == row[field]:  # present and not NaN
+            out[field] = round(float(row[field]), 3)
     return out
+
+
+def clarity_gain(record: dict) -> float:
+    """The gain a shift's clarity is judged by: Δ log p(whole target) of the step at every target-predicting position
+    (`dlogp_target_each`) when the oracle took it, else of the step at the last prompt position (`dlogp_target`)."""
+    each = record.get("dlogp_target_each")
+    return float(record["dlogp_target"] if each is None or each != each else each)
 
 
 def is_clear(record: dict, min_gain: float) -> bool:
     """A shift is clear when the step raised the whole target's teacher-forced log-prob by ≥ min_gain nats."""
-    return float(record["dlogp_target"]) >= min_gain
+    return clarity_gain(record) >= min_gain
 
 
 def normalize_answer(text: str | None) -> str:

@@ -16,10 +16,11 @@ from scipy.stats import spearmanr
 from torch import nn
 from tqdm.auto import tqdm
 
+from gradsense.errors import GradsenseError
 from gradsense.models import check_layer, model_device
 from gradsense.oracle import check_alphas, edited_rows, random_directions, unit_directions
 from gradsense.scoring import encode, forward, target_text
-from gradsense.teacher import UNCLEAR, normalize_answer, parse_label
+from gradsense.teacher import UNCLEAR, clarity_gain, normalize_answer, parse_label
 
 
 def _real_step_rows(
@@ -197,13 +198,34 @@ def label_faithfulness(labelled: pd.DataFrame, by: Sequence[str] = ("domain", "d
 
 def clarity_counts(labelled: pd.DataFrame, min_gain: float) -> pd.DataFrame:
     """Per split: items labelled with their target (the step raised it by ≥ `min_gain` nats), and items labelled
-    `unclear` (left out of training) because the step raised it by less or lowered it."""
+    `unclear` (left out of training) because the step raised it by less or lowered it (`teacher.clarity_gain`)."""
     clear = np.array([(parse_label(t)["to"] or "").casefold() != UNCLEAR for t in labelled["label"]], dtype=bool)
-    gain = labelled["dlogp_target"].to_numpy()
+    gain = np.array([clarity_gain(r) for r in labelled.to_dict("records")], dtype=float)
     less = f"raised < {min_gain:g} nats"
     reason = np.where(clear, "clear", np.where(gain > 0, less, "not raised"))
     table = pd.crosstab(labelled["split"], reason).reindex(columns=["clear", less, "not raised"])
     return table.fillna(0).astype(int).reset_index().rename_axis(columns=None)
+
+
+def step_position_clarity(shifts: pd.DataFrame, min_gain: float) -> pd.DataFrame:
+    """Per domain, then all: items, the share the last-position step makes clear (dlogp_target ≥ `min_gain`) and
+    the share the step at every target-predicting position does (dlogp_target_each), with both median gains."""
+    if "dlogp_target_each" not in shifts:
+        raise GradsenseError("the shifts have no dlogp_target_each (run the oracle with step_positions 'each')")
+    groups = [*shifts.groupby("domain", sort=True), ("all", shifts)]
+    return pd.DataFrame(
+        [
+            {
+                "domain": name,
+                "n": len(part),
+                "clear_last": float((part["dlogp_target"] >= min_gain).mean()),
+                "clear_each": float((part["dlogp_target_each"] >= min_gain).mean()),
+                "median_gain_last": float(part["dlogp_target"].median()),
+                "median_gain_each": float(part["dlogp_target_each"].median()),
+            }
+            for name, part in groups
+        ]
+    )
 
 
 VALIDITY_METRICS = ("spearman", "sign_target", "sign_source", "top_agree")
