@@ -51,23 +51,38 @@ def rates(scored, seen: np.ndarray | None = None) -> str:
     return text + f" n = {len(scored)}"
 
 
-def main(epochs: float, specs: list[str]) -> None:
-    """Train and score one describer per spec on the validation split (and, for the record, the new phrasings)."""
-    inputs = selection_inputs()
+def scoring_sets(inputs) -> tuple:
+    """(200 validation items spread over the domains, whether each answer is a training answer, the new-phrasings
+    set with its rows, the `describe_items` options) that every selection script scores on."""
     scored_items = stratified(inputs.val_pool, "domain", 200, order="shuffle", seed=0)
     seen = ev.seen_answers(scored_items["target"], inputs.train_items["target"])
-    model, tokenizer = gradsense.load_model(None)  # the gradients of the external set come from the frozen model
-    grads = inputs.stage.vectors("grads", SOURCE_LAYER)
     external = ex.external_items(max_items=160, seed=0)
     phrasings = external[external["set"] == ex.NEW_PHRASINGS].reset_index(drop=True)
     phrasings = phrasings.assign(row=np.arange(len(phrasings)))
+    domains = sorted(inputs.stage.items["domain"].unique())
+    return scored_items, seen, phrasings, {"seed": 0, "batch_size": 64, "max_new_tokens": 0, "domains": domains}
+
+
+def train_and_score(config: DescriberConfig, epochs: float, inputs, scored: list, options: dict) -> tuple[list, float]:
+    """Train the train stage's describer (a freshly loaded model: LoRA changes it in place) for `epochs` and score
+    each (gradients, items) pair of `scored`; returns the scored tables and the seconds it took."""
+    model, tokenizer = gradsense.load_model(None)
+    train = TrainConfig(
+        epochs=epochs, batch_size=16, control_share=0.2, context_share=0.75, hard_share=0.3, eval_every=35
+    )
+    start = time.perf_counter()
+    describer = train_describer(model, tokenizer, inputs, scored[0][0], config, train)
+    tables = [ev.describe_items(describer, grads, items, **options) for grads, items in scored]
+    return tables, time.perf_counter() - start
+
+
+def main(epochs: float, specs: list[str]) -> None:
+    """Train and score one describer per spec on the validation split (and, for the record, the new phrasings)."""
+    inputs = selection_inputs()
+    scored_items, seen, phrasings, options = scoring_sets(inputs)
+    model, tokenizer = gradsense.load_model(None)  # the gradients of the external set come from the frozen model
+    grads = inputs.stage.vectors("grads", SOURCE_LAYER)
     ext_grads = ex.external_gradients(model, tokenizer, phrasings, [SOURCE_LAYER], 32)[0]
-    options = {
-        "seed": 0,
-        "batch_size": 64,
-        "max_new_tokens": 0,
-        "domains": sorted(inputs.stage.items["domain"].unique()),
-    }
     for spec in specs:
         match = re.fullmatch(r"(\d+)(L?)(?:R(\d+))?", spec)
         if match is None:
@@ -80,16 +95,11 @@ def main(epochs: float, specs: list[str]) -> None:
             lora_rank=int(match[3] or 0),
             precision="bf16",
         )
-        model, tokenizer = gradsense.load_model(None)  # LoRA changes the model in place: a fresh one per spec
-        train = TrainConfig(
-            epochs=epochs, batch_size=16, control_share=0.2, context_share=0.75, hard_share=0.3, eval_every=35
+        (val, new), seconds = train_and_score(
+            config, epochs, inputs, [(grads, scored_items), (ext_grads, phrasings)], options
         )
-        start = time.perf_counter()
-        describer = train_describer(model, tokenizer, inputs, grads, config, train)
-        val = ev.describe_items(describer, grads, scored_items, **options)
-        new = ev.describe_items(describer, ext_grads, phrasings, **options)
         print(
-            f"block {config.inject_layer} {config.init} LoRA {config.lora_rank} ({time.perf_counter() - start:.0f} s): validation "
+            f"block {config.inject_layer} {config.init} LoRA {config.lora_rank} ({seconds:.0f} s): validation "
             f"{rates(val, seen)}; new phrasings (not for the choice) {rates(new)}",
             flush=True,
         )

@@ -23,20 +23,16 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 
 import numpy as np
-from select_init import rates  # scripts/ is on the path of a script run from it
-from select_source_layer import selection_inputs, train_describer
+from select_init import rates, scoring_sets, train_and_score  # scripts/ is on the path of a script run from it
+from select_source_layer import selection_inputs
 
 import gradsense
-from gradsense import evaluate as ev
 from gradsense import external as ex
 from gradsense.describer import DescriberConfig
 from gradsense.gradients import activation_gradients
-from gradsense.sampling import stratified
 from gradsense.scoring import target_text
-from gradsense.training import TrainConfig
 
 SOURCE_LAYER = 22
 
@@ -73,8 +69,7 @@ def report(scored, items, seen=None) -> str:
 def main(epochs: float, specs: list[str]) -> None:
     """Train and score one describer per spec on the validation split (and, for the record, the new phrasings)."""
     inputs = selection_inputs()
-    scored_items = stratified(inputs.val_pool, "domain", 200, order="shuffle", seed=0)
-    seen = ev.seen_answers(scored_items["target"], inputs.train_items["target"])
+    scored_items, seen, phrasings, options = scoring_sets(inputs)
     model, tokenizer = gradsense.load_model(None)  # gradients come from the frozen model
     needed = inputs.stage.items[
         inputs.stage.items["row"].isin(
@@ -82,15 +77,6 @@ def main(epochs: float, specs: list[str]) -> None:
         )
     ]
     n_rows = len(inputs.stage.arrays["ids"])
-    external = ex.external_items(max_items=160, seed=0)
-    phrasings = external[external["set"] == ex.NEW_PHRASINGS].reset_index(drop=True)
-    phrasings = phrasings.assign(row=np.arange(len(phrasings)))
-    options = {
-        "seed": 0,
-        "batch_size": 64,
-        "max_new_tokens": 0,
-        "domains": sorted(inputs.stage.items["domain"].unique()),
-    }
     for spec in specs:
         match = re.fullmatch(r"(last|each)(\d+)", spec)
         if match is None:
@@ -107,16 +93,11 @@ def main(epochs: float, specs: list[str]) -> None:
         config = DescriberConfig(
             source_layer=SOURCE_LAYER, inject_layer=15, k=k, init="lens", lora_rank=8, precision="bf16", read=read
         )
-        fresh, fresh_tokenizer = gradsense.load_model(None)  # LoRA changes the model in place: a fresh one per spec
-        train = TrainConfig(
-            epochs=epochs, batch_size=16, control_share=0.2, context_share=0.75, hard_share=0.3, eval_every=35
+        (val, new), seconds = train_and_score(
+            config, epochs, inputs, [(grads, scored_items), (ext_grads, phrasings)], options
         )
-        start = time.perf_counter()
-        describer = train_describer(fresh, fresh_tokenizer, inputs, grads, config, train)
-        val = ev.describe_items(describer, grads, scored_items, **options)
-        new = ev.describe_items(describer, ext_grads, phrasings, **options)
         print(
-            f"{spec} ({time.perf_counter() - start:.0f} s): validation {report(val, scored_items, seen)}; "
+            f"{spec} ({seconds:.0f} s): validation {report(val, scored_items, seen)}; "
             f"new phrasings (not for the choice) {report(new, phrasings)}",
             flush=True,
         )
