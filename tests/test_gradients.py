@@ -5,16 +5,10 @@ import pytest
 import torch
 
 from gradsense.errors import GradsenseError
-from gradsense.gradients import (
-    activation_gradients,
-    final_token_activations,
-    resolve_layer,
-    resolve_layers,
-    steering_vectors,
-    target_loss,
-)
+from gradsense.gradients import activation_gradients, resolve_layer, resolve_layers, target_loss
 from gradsense.hooks import edit_block_output
 from gradsense.scoring import encode, forward, target_nll, target_text
+from gradsense.steering import final_token_activations, steering_vectors
 
 from tiny_model import tiny_llama
 
@@ -247,7 +241,8 @@ def test_real_model_batched_equals_loop_and_finite_differences(smol):
 def test_correction_gradients_steering_and_npz_round_trip(tiny, tmp_path):
     import pandas as pd
 
-    from gradsense.gradients import correction_gradients, correction_steering, load_gradients, save_gradients
+    from gradsense.gradients import correction_gradients, load_gradients, save_gradients
+    from gradsense.steering import correction_steering
 
     model, tokenizer = tiny
     table = pd.DataFrame(

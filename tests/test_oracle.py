@@ -10,13 +10,14 @@ from gradsense.gradients import activation_gradients
 from gradsense.oracle import (
     check_alphas,
     choose_alpha,
+    position_steps,
     step_edit,
     unit_directions,
     virtual_step,
     virtual_steps,
 )
 from gradsense.scoring import target_text
-from gradsense.shifts import greedy_answers, item_shifts, observed_tokens, position_steps, whole_target_gains
+from gradsense.shifts import greedy_answers, item_shifts, observed_tokens, whole_target_gains
 
 PROMPTS = ["The cat sat on", "A b", "Hello there, my friend is"]
 TARGETS = ["mat", "cde", "Bob"]
@@ -176,6 +177,9 @@ def test_position_steps_move_each_listed_position_by_alpha_times_its_norm():
         assert torch.allclose(moved[b, where[b, j]], 0.2 * hidden[b, where[b, j]].norm(), rtol=1e-5)
     moved[0, [3, 4]] = moved[1, [1, 2, 5]] = 0
     assert float(moved.max()) == 0.0
+    per_row = (position_steps(where, directions, torch.tensor([0.2, 0.7]))(hidden) - hidden).norm(dim=-1)
+    assert torch.allclose(per_row[0, 3], 0.2 * hidden[0, 3].norm(), rtol=1e-5)  # one α per row
+    assert torch.allclose(per_row[1, 5], 0.7 * hidden[1, 5].norm(), rtol=1e-5)
 
 
 def test_whole_target_gains_step_every_target_position(tiny):

@@ -29,18 +29,12 @@ import seaborn as sns
 import gradsense
 from gradsense import analysis
 from gradsense.corrections import load_corrections
-from gradsense.gradients import (
-    balanced_subset,
-    correction_gradients,
-    correction_steering,
-    load_gradients,
-    resolve_layers,
-    save_gradients,
-)
+from gradsense.gradients import balanced_subset, correction_gradients, load_gradients, resolve_layers, save_gradients
 from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.scoring import first_visible_id
 from gradsense.seeding import seed_everything
+from gradsense.steering import correction_steering
 
 paths = Paths("..")
 RESULTS, FIGURES = paths.results("gradients"), paths.figures("gradients")

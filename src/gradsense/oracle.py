@@ -73,19 +73,26 @@ def random_directions(n: int, d: int, n_random: int = 1, seed: int = 0) -> torch
     return (r / r.norm(dim=-1, keepdim=True)).float()
 
 
-def step_edit(positions: torch.Tensor, directions: torch.Tensor, alphas: torch.Tensor):
-    """edit_fn(h): row b's hidden state at positions[b] becomes h − α_b·u_b·‖h‖ (other positions untouched)."""
+def position_steps(where: torch.Tensor, directions: torch.Tensor, alphas: float | torch.Tensor):
+    """edit_fn(h): row b's hidden state at each position where[b, j] becomes h − α_b·directions[b, j]·‖h‖ (α one
+    float or one per row; a zero direction leaves it; a position listed twice gets both shifts)."""
 
     def edit(hidden: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pos = positions.to(hidden.device)
+        pos = where.to(hidden.device)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(pos)
         h = hidden[rows, pos].float()
-        shift = -alphas.to(h)[:, None] * directions.to(h) * h.norm(dim=-1, keepdim=True)
-        delta = torch.zeros_like(hidden)
-        delta[rows, pos] = shift.to(hidden.dtype)
-        return hidden + delta
+        alpha = torch.as_tensor(alphas).to(h)
+        alpha = alpha[:, None, None] if alpha.ndim else alpha
+        shift = (-alpha * directions.to(h) * h.norm(dim=-1, keepdim=True)).to(hidden.dtype)
+        return hidden + torch.zeros_like(hidden).index_put_((rows, pos), shift, accumulate=True)
 
     return edit
+
+
+def step_edit(positions: torch.Tensor, directions: torch.Tensor, alphas: torch.Tensor):
+    """edit_fn(h): row b's hidden state at positions[b] becomes h − α_b·u_b·‖h‖ (other positions untouched): the
+    one-position-per-row case of `position_steps`."""
+    return position_steps(positions[:, None], directions[:, None], alphas)
 
 
 @torch.no_grad()

@@ -21,7 +21,15 @@ from gradsense.errors import GradsenseError
 from gradsense.gradients import each_position
 from gradsense.hooks import edit_block_output
 from gradsense.models import check_layer, model_device
-from gradsense.oracle import STEP_KINDS, check_alphas, step_edit, top_shift, unit_directions, virtual_steps
+from gradsense.oracle import (
+    STEP_KINDS,
+    check_alphas,
+    position_steps,
+    step_edit,
+    top_shift,
+    unit_directions,
+    virtual_steps,
+)
 from gradsense.scoring import batches, encode, first_visible_token, forward, target_nll, target_text
 
 ANSWER_END = ".,;:!?\n"  # a greedy continuation's answer ends before the first of these
@@ -120,19 +128,6 @@ def greedy_answers(
             tokens = tokens[1:]
         answers.append(" ".join(tokens[:w]))
     return answers
-
-
-def position_steps(where: torch.Tensor, directions: torch.Tensor, alpha: float):
-    """edit_fn(h): row b's hidden state at each position where[b, j] becomes h − α·directions[b, j]·‖h‖ (a zero
-    direction leaves it; a position listed twice gets both shifts)."""
-
-    def edit(hidden: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(where)
-        h = hidden[rows, where].float()
-        shift = (-alpha * directions.to(h) * h.norm(dim=-1, keepdim=True)).to(hidden.dtype)
-        return hidden + torch.zeros_like(hidden).index_put_((rows, where), shift, accumulate=True)
-
-    return edit
 
 
 @torch.no_grad()
