@@ -37,18 +37,18 @@ def main(per_domain: int) -> None:
     inputs = load_stage_inputs(paths)
     train, val_pool = training_items(inputs.items, describer.meta.get("heldout_domain"))
     grads = inputs.vectors("grads", describer.config.source_layer)
-    frames, extra = [], []
+    frames = []
     for split, pool in (("train", train), ("validation", val_pool)):
         sample = stratified(pool, "domain", per_group=per_domain, order="shuffle", seed=0)
         years = pool[pool["target"].astype(str).str.fullmatch(YEAR) & ~pool["id"].isin(sample["id"])]
-        items = pd.concat([sample, years], ignore_index=True)
-        extra += years["id"].tolist()  # every year of the split, beyond the per-domain sample (not in the table)
+        # every year of the split joins the per-domain sample (the per-domain table counts the sample alone)
+        items = pd.concat([sample.assign(sampled=True), years.assign(sampled=False)], ignore_index=True)
         scored = ev.describe_items(describer, grads, items, batch_size=64, max_new_tokens=0)
-        frames.append(scored.assign(split=split, domain=items["domain"].to_numpy(), target=items["target"].to_numpy()))
+        frames.append(scored.assign(split=split, **{c: items[c].to_numpy() for c in ("domain", "target", "sampled")}))
     scored = pd.concat(frames, ignore_index=True)
     scored["year"] = scored["target"].astype(str).str.fullmatch(YEAR)
     table = (
-        scored[~scored["id"].isin(extra)]
+        scored[scored["sampled"]]
         .groupby(["domain", "split"])[["domain_ok", "answer_ok"]]
         .mean()
         .unstack("split")

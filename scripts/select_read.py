@@ -112,14 +112,19 @@ def main(epochs: float, specs: list[str]) -> None:
         elif read == "sum":  # one vector per row, as `last`: the gradient summed over the target positions
             grads = position_gradients(model, tokenizer, needed, n_rows, k, "target")
             ext_grads = ex.external_gradients(model, tokenizer, phrasings, [SOURCE_LAYER], 32, position="target")[0]
-            read = "last"
         else:
             grads = position_gradients(model, tokenizer, needed, n_rows, k)
             ext_grads = ex.external_gradients(
                 model, tokenizer, phrasings, [SOURCE_LAYER], 32, position="each", slots=k
             )[0]
         config = DescriberConfig(
-            source_layer=SOURCE_LAYER, inject_layer=15, k=k, init="lens", lora_rank=8, precision="bf16", read=read
+            source_layer=SOURCE_LAYER,
+            inject_layer=15,
+            k=k,
+            init="lens",
+            lora_rank=8,
+            precision="bf16",
+            read="each" if read == "each" else "last",  # a summed gradient is one vector per row, read as `last`
         )
         (val, new), seconds = train_and_score(
             config, epochs, inputs, [(grads, scored_items), (ext_grads, phrasings)], options
