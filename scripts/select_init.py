@@ -63,12 +63,21 @@ def scoring_sets(inputs) -> tuple:
     return scored_items, seen, phrasings, {"seed": 0, "batch_size": 64, "max_new_tokens": 0, "domains": domains}
 
 
-def train_and_score(config: DescriberConfig, epochs: float, inputs, scored: list, options: dict) -> tuple[list, float]:
-    """Train the train stage's describer (a freshly loaded model: LoRA changes it in place) for `epochs` and score
-    each (gradients, items) pair of `scored`; returns the scored tables and the seconds it took."""
+def train_and_score(
+    config: DescriberConfig, epochs: float, inputs, scored: list, options: dict, **train_options
+) -> tuple[list, float]:
+    """Train the train stage's describer (a freshly loaded model: LoRA changes it in place) for `epochs` (and any
+    other `TrainConfig` settings given) and score each (gradients, items) pair of `scored`; returns the scored
+    tables and the seconds it took."""
     model, tokenizer = gradsense.load_model(None)
     train = TrainConfig(
-        epochs=epochs, batch_size=16, control_share=0.2, context_share=0.75, hard_share=0.3, eval_every=35
+        epochs=epochs,
+        batch_size=16,
+        control_share=0.2,
+        context_share=0.75,
+        hard_share=0.3,
+        eval_every=35,
+        **train_options,
     )
     start = time.perf_counter()
     describer = train_describer(model, tokenizer, inputs, scored[0][0], config, train)

@@ -1,6 +1,6 @@
 """Choose which gradient positions the describer reads, on the validation split (run once by hand; not a stage).
 
-Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...]     SPEC = last<k> | each<k> | sum<k>, e.g. last4 each6
+Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...]     SPEC = (last|each|sum)<k>[h<r>], e.g. last4 each6 last4h3
 Needs the pipeline's corrections, gradients and oracle outputs under results/. For each spec, trains the train
 stage's describer (params.yaml settings: linear projector reading block 22, lens init, injected at block 15, LoRA 8,
 bfloat16) with k slots that read either the last prompt position's gradient (`last`, every slot from the same
@@ -8,7 +8,9 @@ vector, as the pipeline) or one target-predicting position each (`each`: slot j 
 that predicts target token j, the last repeated for shorter targets; `sum`: every slot from the gradient summed
 over the target-predicting positions, `gradients.position: target`), and prints domain accuracy and answer recall
 on 200 validation-split items (trained templates and domains), for history alone and for targets that are years.
-The choice is made on those numbers. For the record only, it also prints the same on the external new-phrasings set
+The choice is made on those numbers. A suffix h<r> draws every history training item r times per pass
+(`train.domain_repeats`, the same number of steps), and every spec is also scored on history's own training items
+(does the describer fit them?). For the record only, it also prints the same on the external new-phrasings set
 (never trained on, not used for the choice); the test split is never read.
 
 Run for the full paper (2026-12-03, 2-core Xeon with AMX, 1 epoch = 113 steps, 200 validation items of which 22
@@ -101,11 +103,12 @@ def main(epochs: float, specs: list[str]) -> None:
         )
     ]
     n_rows = len(inputs.stage.arrays["ids"])
+    history = inputs.train_items[inputs.train_items["domain"] == "history"].reset_index(drop=True)
     for spec in specs:
-        match = re.fullmatch(r"(last|each|sum)(\d+)", spec)
-        if match is None:
-            raise SystemExit(f"spec {spec!r} is not last<k>, each<k> or sum<k>")
-        read, k = match[1], int(match[2])
+        match = re.fullmatch(r"(last|each|sum)(\d+)(?:h(\d+))?", spec)
+        if match is None or match[3] == "0":
+            raise SystemExit(f"spec {spec!r} is not (last|each|sum)<k>[h<r>] with r ≥ 1")
+        read, k, repeats = match[1], int(match[2]), int(match[3] or 1)
         if read == "last":
             grads = inputs.stage.vectors("grads", SOURCE_LAYER)
             ext_grads = ex.external_gradients(model, tokenizer, phrasings, [SOURCE_LAYER], 32)[0]
@@ -126,12 +129,17 @@ def main(epochs: float, specs: list[str]) -> None:
             precision="bf16",
             read="each" if read == "each" else "last",  # a summed gradient is one vector per row, read as `last`
         )
-        (val, new), seconds = train_and_score(
-            config, epochs, inputs, [(grads, scored_items), (ext_grads, phrasings)], options
+        (val, fit, new), seconds = train_and_score(
+            config,
+            epochs,
+            inputs,
+            [(grads, scored_items), (grads, history), (ext_grads, phrasings)],
+            options,
+            domain_repeats={"history": repeats},
         )
         print(
-            f"{spec} ({seconds:.0f} s): validation {report(val, scored_items, seen)}; "
-            f"new phrasings (not for the choice) {report(new, phrasings)}",
+            f"{spec} ({seconds:.0f} s): validation {report(val, scored_items, seen)}; history's training items "
+            f"{report(fit, history)}; new phrasings (not for the choice) {report(new, phrasings)}",
             flush=True,
         )
 

@@ -76,6 +76,19 @@ def test_batch_plan_sees_every_item_before_any_repeats():
     assert two_controls[0][1].tolist() == [0, 0, 1, 2]  # noise, then no injection
 
 
+def test_domain_repeats_draw_an_item_that_often_per_pass_at_the_same_budget():
+    train = TrainConfig(steps=6, batch_size=4, control_share=0.25)
+    repeats = np.array([3, 1, 1, 1, 1])  # item 0 three times in every pass of 7 draws
+    drawn = [int(i) for idx, kinds in batch_plan(5, train, np.random.default_rng(0), repeats) for i in idx[kinds == 0]]
+    assert len(drawn) == 18  # the steps are those of 5 items, not of the 7 draws
+    assert sorted(drawn[:7]) == [0, 0, 0, 1, 2, 3, 4] and sorted(drawn[7:14]) == [0, 0, 0, 1, 2, 3, 4]
+    plain = list(batch_plan(5, train, np.random.default_rng(0)))
+    ones = list(batch_plan(5, train, np.random.default_rng(0), np.ones(5, int)))
+    assert all((a == b).all() for (a, _), (b, _) in zip(plain, ones))  # no repeats: the same draws as before
+    with pytest.raises(GradsenseError, match="domain_repeats"):
+        TrainConfig(domain_repeats={"history": 0}).check()
+
+
 def test_epochs_set_the_steps():
     train = TrainConfig(epochs=3, batch_size=4, control_share=0.25)  # 3 gradient rows per step
     assert planned_steps(7, train) == 7 and planned_steps(7, TrainConfig(steps=5)) == 5  # ⌈3·7/3⌉; steps otherwise

@@ -37,6 +37,7 @@ class TrainConfig:
     context_share: float = 0.75  # share of rows that get a context passage before the question
     hard_share: float = 0.3  # of those, the share that reads a hard negative (another answer of the same relation)
     max_label_tokens: int | None = None  # cap on head tokens; None = the whole head
+    domain_repeats: dict[str, int] = field(default_factory=dict)  # draws per pass of a domain's items (default 1)
     eval_every: int = 25
     select_on_val: bool = True  # with `val`: return the parameters of the evaluation with the lowest val_loss
     seed: int = 0
@@ -51,6 +52,9 @@ class TrainConfig:
         for name in ("control_share", "context_share", "hard_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise GradsenseError(f"train.{name} must be within [0, 1], not {getattr(self, name)}")
+        bad = {d: r for d, r in self.domain_repeats.items() if not (isinstance(r, int) and r >= 1)}
+        if bad:
+            raise GradsenseError(f"train.domain_repeats must be integers ≥ 1, not {bad}")
 
 
 def calibrate_raw_scale(describer: Describer, grads: torch.Tensor, contexts: Sequence[str | None]) -> None:
@@ -88,15 +92,19 @@ def planned_steps(n_items: int, config: TrainConfig) -> int:
     return max(1, math.ceil(config.epochs * n_items / n_grad))
 
 
-def batch_plan(n_items: int, config: TrainConfig, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batch_plan(
+    n_items: int, config: TrainConfig, rng: np.random.Generator, repeats: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per step: item indices (−1 = control row) and control kinds (0 gradient, 1 noise, 2 no injection).
-    Items are drawn epoch by epoch from seeded permutations so every item is seen before any repeats."""
+    Items are drawn pass by pass from seeded permutations so every item is seen before any repeats; `repeats[i]`
+    puts item i that many times in every pass (the number of steps still follows `n_items`)."""
     n_ctrl = int(round(config.batch_size * config.control_share))
+    pool = None if repeats is None else np.repeat(np.arange(n_items), repeats)
     order: list[int] = []
     for _ in range(planned_steps(n_items, config)):
         n_grad = config.batch_size - n_ctrl
         while len(order) < n_grad:
-            order += rng.permutation(n_items).tolist()
+            order += (rng.permutation(n_items) if pool is None else pool[rng.permutation(len(pool))]).tolist()
         take, order = order[:n_grad], order[n_grad:]
         kinds = np.array([0] * n_grad + [1 + (j % 2) for j in range(n_ctrl)])
         idx = np.array(take + [int(rng.integers(n_items)) for _ in range(n_ctrl)])  # controls borrow a norm
@@ -204,7 +212,10 @@ def train_projector(
     trainable = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     curve = []
-    plan = list(batch_plan(len(labels), train, rng))
+    repeats = None
+    if train.domain_repeats:
+        repeats = np.array([train.domain_repeats.get(parse_label(label)["domain"], 1) for label in labels])
+    plan = list(batch_plan(len(labels), train, rng, repeats))
     best_loss, best_step, snapshot = math.inf, None, None
     shards = Shards()  # one process, or the processes of `accelerate launch` (each takes a share of every batch)
     bar = not progress or not shards.main
