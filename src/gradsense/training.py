@@ -99,12 +99,12 @@ def batch_plan(
     Items are drawn pass by pass from seeded permutations so every item is seen before any repeats; `repeats[i]`
     puts item i that many times in every pass (the number of steps still follows `n_items`)."""
     n_ctrl = int(round(config.batch_size * config.control_share))
-    pool = None if repeats is None else np.repeat(np.arange(n_items), repeats)
+    pool = np.repeat(np.arange(n_items), 1 if repeats is None else repeats)  # one pass, shuffled each time
     order: list[int] = []
     for _ in range(planned_steps(n_items, config)):
         n_grad = config.batch_size - n_ctrl
         while len(order) < n_grad:
-            order += (rng.permutation(n_items) if pool is None else pool[rng.permutation(len(pool))]).tolist()
+            order += pool[rng.permutation(len(pool))].tolist()
         take, order = order[:n_grad], order[n_grad:]
         kinds = np.array([0] * n_grad + [1 + (j % 2) for j in range(n_ctrl)])
         idx = np.array(take + [int(rng.integers(n_items)) for _ in range(n_ctrl)])  # controls borrow a norm
