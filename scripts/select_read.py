@@ -1,12 +1,13 @@
 """Choose which gradient positions the describer reads, on the validation split (run once by hand; not a stage).
 
-Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...]     SPEC = (last|each|sum)<k>[h<r>], e.g. last4 each6 last4h3
+Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...]     SPEC = (last|each|sum|both)<k>[h<r>], e.g. last4 each6 last4h3
 Needs the pipeline's corrections, gradients and oracle outputs under results/. For each spec, trains the train
 stage's describer (params.yaml settings: linear projector reading block 22, lens init, injected at block 15, LoRA 8,
 bfloat16) with k slots that read either the last prompt position's gradient (`last`, every slot from the same
 vector, as the pipeline) or one target-predicting position each (`each`: slot j reads the gradient at the position
 that predicts target token j, the last repeated for shorter targets; `sum`: every slot from the gradient summed
-over the target-predicting positions, `gradients.position: target`), and prints domain accuracy and answer recall
+over the target-predicting positions, `gradients.position: target`; `both`: four slots read the last prompt
+position, as `last4`, and one slot each reads target positions 2 … k, so 3 + k slots), and prints domain accuracy and answer recall
 on 200 validation-split items (trained templates and domains), for history alone and for targets that are years.
 The choice is made on those numbers. A suffix h<r> draws every history training item r times per pass
 (`train.domain_repeats`, the same number of steps), and every spec is also scored on history's own training items
@@ -60,6 +61,7 @@ from gradsense.gradients import activation_gradients
 from gradsense.scoring import target_text
 
 SOURCE_LAYER = 22
+LAST_SLOTS = 4  # slots that read the last prompt position in a `both` spec (the pipeline's k)
 
 
 def position_gradients(model, tokenizer, items, n_rows: int, slots: int, position: str = "each") -> np.ndarray:
@@ -79,6 +81,13 @@ def position_gradients(model, tokenizer, items, n_rows: int, slots: int, positio
     out = np.zeros((n_rows, *result.grads.shape[2:]), dtype=np.float32)
     out[items["row"].to_numpy()] = result.grads[0]
     return out
+
+
+def with_last_slots(grads: np.ndarray) -> np.ndarray:
+    """Per-position gradients (n, k, d) → (n, LAST_SLOTS + k − 1, d): the first position (the last prompt token's,
+    what `last` reads) in LAST_SLOTS slots, each through its own block of the linear map as `last`'s d → k·d map,
+    then target positions 2 … k one slot each."""
+    return np.concatenate([np.repeat(grads[:, :1], LAST_SLOTS, axis=1), grads[:, 1:]], axis=1)
 
 
 def report(scored, items, seen=None) -> str:
@@ -105,10 +114,11 @@ def main(epochs: float, specs: list[str]) -> None:
     n_rows = len(inputs.stage.arrays["ids"])
     history = inputs.train_items[inputs.train_items["domain"] == "history"].reset_index(drop=True)
     for spec in specs:
-        match = re.fullmatch(r"(last|each|sum)(\d+)(?:h(\d+))?", spec)
+        match = re.fullmatch(r"(last|each|sum|both)(\d+)(?:h(\d+))?", spec)
         if match is None or match[3] == "0":
-            raise SystemExit(f"spec {spec!r} is not (last|each|sum)<k>[h<r>] with r ≥ 1")
+            raise SystemExit(f"spec {spec!r} is not (last|each|sum|both)<k>[h<r>] with r ≥ 1")
         read, k, repeats = match[1], int(match[2]), int(match[3] or 1)
+        slots = k + LAST_SLOTS - 1 if read == "both" else k
         if read == "last":
             grads = inputs.stage.vectors("grads", SOURCE_LAYER)
             ext_grads = ex.external_gradients(model, tokenizer, phrasings, [SOURCE_LAYER], 32)[0]
@@ -120,14 +130,16 @@ def main(epochs: float, specs: list[str]) -> None:
             ext_grads = ex.external_gradients(
                 model, tokenizer, phrasings, [SOURCE_LAYER], 32, position="each", slots=k
             )[0]
+            if read == "both":
+                grads, ext_grads = with_last_slots(grads), with_last_slots(ext_grads)
         config = DescriberConfig(
             source_layer=SOURCE_LAYER,
             inject_layer=15,
-            k=k,
+            k=slots,
             init="lens",
             lora_rank=8,
             precision="bf16",
-            read="each" if read == "each" else "last",  # a summed gradient is one vector per row, read as `last`
+            read="last" if read in ("last", "sum") else "each",  # a summed gradient is one vector per row
         )
         (val, fit, new), seconds = train_and_score(
             config,

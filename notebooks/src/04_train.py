@@ -40,6 +40,7 @@ control_share = 0.25
 context_share = 0.75
 hard_share = 0.3
 max_label_tokens = None
+domain_repeats = {}  # domain → draws of its items per pass (default 1)
 heldout_domain = "religion"
 val_items = 4
 eval_every = 4
@@ -128,6 +129,7 @@ train = TrainConfig(
     context_share=context_share,
     hard_share=hard_share,
     max_label_tokens=max_label_tokens,
+    domain_repeats=domain_repeats,
     eval_every=eval_every,
     seed=seed,
 )
