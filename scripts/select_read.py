@@ -1,15 +1,16 @@
 """Choose which gradient positions the describer reads, on the validation split (run once by hand; not a stage).
 
-Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...]     SPEC = (last|each|sum|both)<k>[h<r>], e.g. last4 each6 last4h3
+Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...]
+       SPEC = (last|each|sum|both)<k>[h<r>], e.g. last4 each6 last4h3 both6h3
 Needs the pipeline's corrections, gradients and oracle outputs under results/. For each spec, trains the train
 stage's describer (params.yaml settings: linear projector reading block 22, lens init, injected at block 15, LoRA 8,
 bfloat16) with k slots that read either the last prompt position's gradient (`last`, every slot from the same
 vector, as the pipeline) or one target-predicting position each (`each`: slot j reads the gradient at the position
 that predicts target token j, the last repeated for shorter targets; `sum`: every slot from the gradient summed
 over the target-predicting positions, `gradients.position: target`; `both`: four slots read the last prompt
-position, as `last4`, and one slot each reads target positions 2 … k, so 3 + k slots), and prints domain accuracy and answer recall
-on 200 validation-split items (trained templates and domains), for history alone and for targets that are years.
-The choice is made on those numbers. A suffix h<r> draws every history training item r times per pass
+position, as `last4`, and one slot each reads target positions 2 … k, so 3 + k slots), and prints domain accuracy
+and answer recall on 200 validation-split items (trained templates and domains), for history alone and for targets
+that are years. The choice is made on those numbers. A suffix h<r> draws every history training item r times per pass
 (`train.domain_repeats`, the same number of steps), and every spec is also scored on history's own training items
 (does the describer fit them?). For the record only, it also prints the same on the external new-phrasings set
 (never trained on, not used for the choice); the test split is never read.
