@@ -65,10 +65,10 @@ SOURCE_LAYER = 22
 LAST_SLOTS = 4  # slots that read the last prompt position in a `both` spec (the pipeline's k)
 
 
-def position_gradients(model, tokenizer, items, n_rows: int, slots: int, position: str = "each") -> np.ndarray:
-    """Block-22 gradients filled at the items' rows: (n_rows, slots, d), one per target-predicting position
-    (position "each"), or (n_rows, d) summed over them (position "target")."""
-    result = activation_gradients(
+def item_gradients(model, tokenizer, items, slots: int, position: str = "each") -> np.ndarray:
+    """Block-22 gradients of the items' (prompt, target), in their order: (n, slots, d), one per target-predicting
+    position (position "each"), or (n, d) summed over them (position "target")."""
+    return activation_gradients(
         model,
         tokenizer,
         items["prompt"].tolist(),
@@ -78,9 +78,14 @@ def position_gradients(model, tokenizer, items, n_rows: int, slots: int, positio
         32,
         items["id"].tolist(),
         slots=slots,
-    )
-    out = np.zeros((n_rows, *result.grads.shape[2:]), dtype=np.float32)
-    out[items["row"].to_numpy()] = result.grads[0]
+    ).grads[0]
+
+
+def position_gradients(model, tokenizer, items, n_rows: int, slots: int, position: str = "each") -> np.ndarray:
+    """`item_gradients` filled at the items' rows of an (n_rows, …) array."""
+    grads = item_gradients(model, tokenizer, items, slots, position)
+    out = np.zeros((n_rows, *grads.shape[1:]), dtype=np.float32)
+    out[items["row"].to_numpy()] = grads
     return out
 
 
