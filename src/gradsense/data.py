@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import shutil
 import tempfile
@@ -42,8 +43,11 @@ def copy_facts(root: Path, data: Path) -> None:
     source = root / "sources" / "facts"
     if not source.is_dir():
         raise GradsenseError(f"fact tables folder {source} is missing")
+    staging = Path(tempfile.mkdtemp(prefix=".facts-", dir=data))
+    shutil.copytree(source, staging / "facts", ignore=shutil.ignore_patterns("README*", "*.py"))
     shutil.rmtree(data / "facts", ignore_errors=True)
-    shutil.copytree(source, data / "facts", ignore=shutil.ignore_patterns("README*", "*.py"))
+    (staging / "facts").rename(data / "facts")
+    staging.rmdir()
 
 
 def dir_md5(folder: Path) -> str:
@@ -56,6 +60,15 @@ def dir_md5(folder: Path) -> str:
         if path.is_file()
     ]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def matches_record(root: Path) -> bool:
+    """Whether data/ already holds exactly what data.dvc records."""
+    try:
+        verify(root)
+    except GradsenseError:
+        return False
+    return True
 
 
 def verify(root: Path) -> None:
@@ -74,7 +87,17 @@ def fetch_data(root: Path = Path(".")) -> None:
     root = root.resolve()
     data = root / "data"
     data.mkdir(exist_ok=True)
-    fetch_weights(data)
-    copy_facts(root, data)
-    verify(root)
+    # Two `make` jobs may fetch at once (make determinism): one at a time, and a data/ that already matches is left
+    # untouched, so a job already reading data/facts never sees it rebuilt under it.
+    record_path = root / "data.dvc"
+    if not record_path.is_file():
+        raise GradsenseError(f"{record_path} is missing (a maintainer records data/ with `make data-record`)")
+    with record_path.open() as record:
+        fcntl.flock(record, fcntl.LOCK_EX)
+        if matches_record(root):
+            print(f"data/ already matches data.dvc ({DEFAULT_GGUF} + facts/)")
+            return
+        fetch_weights(data)
+        copy_facts(root, data)
+        verify(root)
     print(f"data/ rebuilt and verified against data.dvc ({DEFAULT_GGUF} + facts/)")
