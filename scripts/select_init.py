@@ -70,15 +70,8 @@ def train_and_score(
     other `TrainConfig` settings given) and score each (gradients, items) pair of `scored`; returns the scored
     tables and the seconds it took."""
     model, tokenizer = gradsense.load_model(None)
-    train = TrainConfig(
-        epochs=epochs,
-        batch_size=16,
-        control_share=0.2,
-        context_share=0.75,
-        hard_share=0.3,
-        eval_every=35,
-        **train_options,
-    )
+    defaults = {"batch_size": 16, "control_share": 0.2, "context_share": 0.75, "hard_share": 0.3, "eval_every": 35}
+    train = TrainConfig(epochs=epochs, **{**defaults, **train_options})
     start = time.perf_counter()
     describer = train_describer(model, tokenizer, inputs, scored[0][0], config, train)
     tables = [ev.describe_items(describer, grads, items, **options) for grads, items in scored]
