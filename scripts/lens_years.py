@@ -29,23 +29,13 @@ from select_years import YEAR, random_years
 
 import gradsense
 from gradsense.analysis import lens_ranks, model_lens
-from gradsense.gradients import activation_gradients
+from gradsense.gradients import correction_gradients
 from gradsense.scoring import target_text
 
 
 def block_gradients(model, tokenizer, items, blocks: list[int]) -> np.ndarray:
     """(len(blocks), n, K, d) per-position gradients of the items' (prompt, target) at each block, in item order."""
-    return activation_gradients(
-        model,
-        tokenizer,
-        items["prompt"].tolist(),
-        [target_text(t) for t in items["target"]],
-        blocks,
-        "each",
-        32,
-        items["id"].tolist(),
-        slots=K,
-    ).grads
+    return correction_gradients(model, tokenizer, items, blocks, "each", 32, slots=K).grads
 
 
 def first_token_hits(model, tokenizer, grads: np.ndarray, targets) -> float:

@@ -29,8 +29,7 @@ import pandas as pd
 
 import gradsense
 from gradsense.analysis import lens_ranks, model_lens, probe_predictions
-from gradsense.gradients import activation_gradients
-from gradsense.scoring import target_text
+from gradsense.gradients import correction_gradients
 
 DIGITS = ("thousands", "hundreds", "tens", "units")
 
@@ -45,7 +44,7 @@ def year_items(path: str = "data/facts/history.csv") -> pd.DataFrame:
         for f in facts.itertuples()
         for target, direction in ((f.right, "correct"), (f.wrong, "counterfactual"))
     ]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).assign(id=lambda t: np.arange(len(t)))
 
 
 def main(layers: list[int]) -> None:
@@ -53,16 +52,7 @@ def main(layers: list[int]) -> None:
     items = year_items()
     model, tokenizer = gradsense.load_model(None)
     # One pass: the gradient at each of the 5 target-predicting positions (a bare space, then one per digit).
-    each = activation_gradients(
-        model,
-        tokenizer,
-        items["prompt"].tolist(),
-        [target_text(t) for t in items["target"]],
-        layers,
-        "each",
-        progress=False,
-        slots=5,
-    )
+    each = correction_gradients(model, tokenizer, items, layers, "each", progress=False, slots=5)
     if (each.n_target_tokens != 5).any():
         raise SystemExit("a year should be 5 target tokens (space + 4 digits)")
     last, summed, per_digit = each.grads[:, :, 0], each.grads.sum(2), each.grads[:, :, 1:].transpose(0, 2, 1, 3)

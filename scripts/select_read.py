@@ -58,8 +58,7 @@ from select_source_layer import selection_inputs
 import gradsense
 from gradsense import external as ex
 from gradsense.describer import DescriberConfig
-from gradsense.gradients import activation_gradients
-from gradsense.scoring import target_text
+from gradsense.gradients import correction_gradients
 
 SOURCE_LAYER = 22
 LAST_SLOTS = 4  # slots that read the last prompt position in a `both` spec (the pipeline's k)
@@ -68,17 +67,7 @@ LAST_SLOTS = 4  # slots that read the last prompt position in a `both` spec (the
 def item_gradients(model, tokenizer, items, slots: int, position: str = "each") -> np.ndarray:
     """Block-22 gradients of the items' (prompt, target), in their order: (n, slots, d), one per target-predicting
     position (position "each"), or (n, d) summed over them (position "target")."""
-    return activation_gradients(
-        model,
-        tokenizer,
-        items["prompt"].tolist(),
-        [target_text(t) for t in items["target"]],
-        [SOURCE_LAYER],
-        position,
-        32,
-        items["id"].tolist(),
-        slots=slots,
-    ).grads[0]
+    return correction_gradients(model, tokenizer, items, [SOURCE_LAYER], position, 32, slots=slots).grads[0]
 
 
 def position_gradients(model, tokenizer, items, n_rows: int, slots: int, position: str = "each") -> np.ndarray:

@@ -271,6 +271,10 @@ def test_correction_gradients_steering_and_npz_round_trip(tiny, tmp_path):
     assert loaded["layers"] == [1, 2] and loaded["ids"].tolist() == table["id"].tolist()
     np.testing.assert_array_equal(loaded["grads"], result.grads)
     assert [p.name for p in tmp_path.iterdir()] == ["g.npz"]
+    # Per-position slots pass through: the first slot is the last prompt position, i.e. the "last" gradient.
+    each = correction_gradients(model, tokenizer, table, [1, 2], "each", progress=False, slots=3)
+    assert each.grads.shape == (2, len(table), 3, model.config.hidden_size)
+    np.testing.assert_allclose(each.grads[:, :, 0], result.grads, atol=1e-6)
     with pytest.raises(GradsenseError, match="missing"):
         load_gradients(tmp_path / "none.npz")
     with pytest.raises(GradsenseError, match="lacks columns"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import shutil
 import tempfile
 import zipfile
@@ -52,8 +53,6 @@ def copy_facts(root: Path, data: Path) -> None:
 
 def dir_md5(folder: Path) -> str:
     """DVC's hash of a folder: md5 of the sorted JSON listing of (relpath, md5) (equal to `dvc add`'s `.dir` hash)."""
-    import json
-
     entries = [
         {"md5": hashlib.md5(path.read_bytes()).hexdigest(), "relpath": path.relative_to(folder).as_posix()}
         for path in sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix())
@@ -62,22 +61,27 @@ def dir_md5(folder: Path) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
+def record_path(root: Path) -> Path:
+    """The data.dvc of `root`; an error naming it when it is missing."""
+    record = root / "data.dvc"
+    if not record.is_file():
+        raise GradsenseError(f"{record} is missing (a maintainer records data/ with `make data-record`)")
+    return record
+
+
+def recorded_md5(root: Path) -> str:
+    """The md5 of data/ that data.dvc records."""
+    return yaml.safe_load(record_path(root).read_text())["outs"][0]["md5"]
+
+
 def matches_record(root: Path) -> bool:
     """Whether data/ already holds exactly what data.dvc records."""
-    try:
-        verify(root)
-    except GradsenseError:
-        return False
-    return True
+    return dir_md5(root / "data") == recorded_md5(root)
 
 
 def verify(root: Path) -> None:
     """Check data/ against data.dvc; a mismatch is an error (never silently re-recorded)."""
-    record = root / "data.dvc"
-    if not record.is_file():
-        raise GradsenseError(f"{record} is missing (a maintainer records data/ with `make data-record`)")
-    expected = yaml.safe_load(record.read_text())["outs"][0]["md5"]
-    actual = dir_md5(root / "data")
+    expected, actual = recorded_md5(root), dir_md5(root / "data")
     if actual != expected:
         raise GradsenseError(f"data/ does not match data.dvc: md5 {actual} != recorded {expected}")
 
@@ -89,10 +93,7 @@ def fetch_data(root: Path = Path(".")) -> None:
     data.mkdir(exist_ok=True)
     # Two `make` jobs may fetch at once (make determinism): one at a time, and a data/ that already matches is left
     # untouched, so a job already reading data/facts never sees it rebuilt under it.
-    record_path = root / "data.dvc"
-    if not record_path.is_file():
-        raise GradsenseError(f"{record_path} is missing (a maintainer records data/ with `make data-record`)")
-    with record_path.open() as record:
+    with record_path(root).open() as record:
         fcntl.flock(record, fcntl.LOCK_EX)
         if matches_record(root):
             print(f"data/ already matches data.dvc ({DEFAULT_GGUF} + facts/)")

@@ -296,6 +296,7 @@ def correction_gradients(
     batch_size: int = 32,
     units: bool = False,
     progress: bool = True,
+    slots: int = 4,
 ) -> ActivationGradients:
     """Activation gradients of a corrections table (columns id, prompt, target): one row per table row, in order."""
     missing = [c for c in ("id", "prompt", "target") if c not in table.columns]
@@ -312,6 +313,7 @@ def correction_gradients(
         ids=table["id"].tolist(),
         units=units,
         progress=progress,
+        slots=slots,
     )
 
 
