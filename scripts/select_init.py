@@ -1,6 +1,8 @@
 """Choose the projector's initialisation and injection block on the validation split (run once by hand; not a stage).
 
-Usage: python scripts/select_init.py EPOCHS SPEC [SPEC ...]     SPEC = BLOCK[L][R<rank>], e.g. 1 15 15L 22L 1 1L 15LR8
+Usage: python scripts/select_init.py EPOCHS SPEC [SPEC ...] [--source BLOCK]
+       SPEC = BLOCK[L][R<rank>], e.g. 1 15 15L 22L 1 1L 15LR8; --source: the block the describer reads (default 22,
+       the gradients stage's; another block's gradients are computed here for the stage's items, as the stage does)
 Needs the pipeline's corrections, gradients and oracle outputs under results/. For each spec, trains the train
 stage's describer (params.yaml settings: linear projector reading block 22, bfloat16) injected at BLOCK, with the
 lens init when the spec has an L (every slot starts as −g) and PyTorch's random init otherwise, with LoRA of that
@@ -22,12 +24,15 @@ about 3 min per spec):
 - block 15 lens, LoRA 32:   domain 0.90, answer 0.82 (5/27);    new phrasings 0.59 / 0.43;
 - block 8 lens, LoRA 8:     domain 0.84, answer 0.61 (0/27);    new phrasings 0.56 / 0.16;
 hence `train.lora_rank: 8` (rank 32 is within 3 of the 200 items, for 4× the adapter).
+Reading block-26 gradients (`1 15LR8 --source 26`, 2026-12-06, 2-core Intel Xeon with AMX, sharing the CPU with a
+train stage, 3078 s): domain 0.880, answer 0.810 (1/28); new phrasings 0.59 / 0.47: no gain on validation over
+block 22, so `train.source_layer` stays at block 22.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 import time
 
 import numpy as np
@@ -37,6 +42,7 @@ import gradsense
 from gradsense import evaluate as ev
 from gradsense import external as ex
 from gradsense.describer import DescriberConfig
+from gradsense.gradients import correction_gradients
 from gradsense.sampling import stratified
 from gradsense.training import TrainConfig
 
@@ -78,19 +84,30 @@ def train_and_score(
     return tables, time.perf_counter() - start
 
 
-def main(epochs: float, specs: list[str]) -> None:
+def stage_gradients(model, tokenizer, inputs, source: int) -> np.ndarray:
+    """(n, d) last-position gradients of the stage's items at block `source`, one row per item row: the gradients
+    stage's own for its block, computed here (as that stage does) for any other block."""
+    if source == SOURCE_LAYER:
+        return inputs.stage.vectors("grads", SOURCE_LAYER)
+    items = inputs.stage.items
+    grads = np.zeros((int(items["row"].max()) + 1, model.config.hidden_size), dtype=np.float32)
+    grads[items["row"].to_numpy()] = correction_gradients(model, tokenizer, items, [source], "last", 32).grads[0]
+    return grads
+
+
+def main(epochs: float, specs: list[str], source: int = SOURCE_LAYER) -> None:
     """Train and score one describer per spec on the validation split (and, for the record, the new phrasings)."""
     inputs = selection_inputs()
     scored_items, seen, phrasings, options = scoring_sets(inputs)
     model, tokenizer = gradsense.load_model(None)  # the gradients of the external set come from the frozen model
-    grads = inputs.stage.vectors("grads", SOURCE_LAYER)
-    ext_grads = ex.external_gradients(model, tokenizer, phrasings, [SOURCE_LAYER], 32)[0]
+    grads = stage_gradients(model, tokenizer, inputs, source)
+    ext_grads = ex.external_gradients(model, tokenizer, phrasings, [source], 32)[0]
     for spec in specs:
         match = re.fullmatch(r"(\d+)(L?)(?:R(\d+))?", spec)
         if match is None:
             raise SystemExit(f"spec {spec!r} is not BLOCK[L][R<rank>]")
         config = DescriberConfig(
-            source_layer=SOURCE_LAYER,
+            source_layer=source,
             inject_layer=int(match[1]),
             k=4,
             init="lens" if match[2] else "random",
@@ -101,11 +118,16 @@ def main(epochs: float, specs: list[str]) -> None:
             config, epochs, inputs, [(grads, scored_items), (ext_grads, phrasings)], options
         )
         print(
-            f"block {config.inject_layer} {config.init} LoRA {config.lora_rank} ({seconds:.0f} s): validation "
+            f"source {source} block {config.inject_layer} {config.init} LoRA {config.lora_rank} ({seconds:.0f} s): validation "
             f"{rates(val, seen)}; new phrasings (not for the choice) {rates(new)}",
             flush=True,
         )
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]), sys.argv[2:])
+    parser = argparse.ArgumentParser(description="Choose the projector's init and injection block on validation.")
+    parser.add_argument("epochs", type=float)
+    parser.add_argument("specs", nargs="+")
+    parser.add_argument("--source", type=int, default=SOURCE_LAYER, help="the block whose gradients are read")
+    args = parser.parse_args()
+    main(args.epochs, args.specs, args.source)
