@@ -24,9 +24,12 @@ about 3 min per spec):
 - block 15 lens, LoRA 32:   domain 0.90, answer 0.82 (5/27);    new phrasings 0.59 / 0.43;
 - block 8 lens, LoRA 8:     domain 0.84, answer 0.61 (0/27);    new phrasings 0.56 / 0.16;
 hence `train.lora_rank: 8` (rank 32 is within 3 of the 200 items, for 4× the adapter).
-Reading block-26 gradients (`1 15LR8 --source 26`, 2026-12-06, 2-core Intel Xeon with AMX, sharing the CPU with a
-train stage, 3078 s): domain 0.880, answer 0.810 (1/28); new phrasings 0.59 / 0.47: no gain on validation over
-block 22, so `train.source_layer` stays at block 22.
+Reading block-26 gradients, paired with block 22 on the same machine (2026-12-06, 2-core Intel Xeon with AMX,
+`1 15LR8 --source 26` then `--source 22`, one seed, the first sharing the CPU with a train stage):
+- source 26: domain 0.880, answer 0.810 (1/28); new phrasings 0.59 / 0.47;
+- source 22: domain 0.825, answer 0.760 (1/28); new phrasings 0.51 / 0.39;
++5 points on both validation numbers for block 26 (one seed, 200 items, no interval): a lead, not yet a setting
+(`train.source_layer` stays at block 22 until the gradients stage extracts block 26 and seeds confirm it).
 """
 
 from __future__ import annotations
