@@ -16,10 +16,9 @@ from torch import nn
 
 from gradsense.corrections import expand_directions, fill_template, read_fact_table
 from gradsense.errors import GradsenseError
-from gradsense.gradients import activation_gradients
+from gradsense.gradients import correction_gradients
 from gradsense.models import data_dir
 from gradsense.sampling import stratified
-from gradsense.scoring import target_text
 
 EXTERNAL_DATASET = "external dataset"  # third-party facts (GeoNames)
 NEW_PHRASINGS = "new phrasings"  # hand-written facts in unseen templates
@@ -73,16 +72,6 @@ def external_gradients(
     stage); position "each": (L, N, slots, d), one per target-predicting position."""
     if items.empty:
         raise GradsenseError("no external items")
-    result = activation_gradients(
-        model,
-        tokenizer,
-        items["prompt"].tolist(),
-        [target_text(t) for t in items["target"]],
-        list(layers),
-        position,
-        batch_size,
-        items["id"].tolist(),
-        progress=progress,
-        slots=slots,
-    )
-    return result.grads
+    return correction_gradients(
+        model, tokenizer, items, list(layers), position, batch_size, progress=progress, slots=slots
+    ).grads
