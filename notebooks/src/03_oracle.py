@@ -54,7 +54,7 @@ from gradsense import oracle, validity
 from gradsense.corrections import load_corrections
 from gradsense.errors import GradsenseError
 from gradsense.files import read_jsonl, write_jsonl
-from gradsense.gradients import activation_gradients, extracted_layer, load_gradients
+from gradsense.gradients import activation_gradients, extracted_layer, load_gradients, resolve_layer
 from gradsense.paths import Paths
 from gradsense.report import save_figure, save_json, save_table
 from gradsense.sampling import stratified
@@ -84,14 +84,14 @@ seed_everything(seed)
 table = load_corrections(paths.corrections)
 arrays = load_gradients(paths.gradients)
 layers = arrays["layers"]
-layer = extracted_layer(layers, layer, role="oracle")
+model, tokenizer = gradsense.load_model(model_name, device=device)
+layer = extracted_layer(layers, resolve_layer(model, layer), role="oracle")
 missing = sorted(set(arrays["ids"]) - set(table["id"]))
 if missing:
     raise GradsenseError(f"gradients file has ids not in corrections.csv, e.g. {missing[0]}")
 items = table.set_index("id").loc[arrays["ids"]].reset_index()
 items["row"] = np.arange(len(items))  # row in the gradient arrays
 grads = arrays["grads"][layers.index(layer)]
-model, tokenizer = gradsense.load_model(model_name, device=device)
 print(
     f"{len(items)} items with gradients, layer {layer}, grad norm median {np.median(np.linalg.norm(grads, axis=1)):.3g}"
 )

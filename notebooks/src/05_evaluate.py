@@ -23,8 +23,8 @@
 #
 # - **Baselines on the same items**: the most frequent training answer of the item's relation template, no injection
 #   (a control above), a same-template shuffle (another item of the same relation injected: does the report say that
-#   item's answer?), the Backward Lens hit@1 (top token of −g) at the source layer and at the deepest extracted
-#   layer, and a linear probe of the domain trained on the training gradients.
+#   item's answer?), the Backward Lens hit@1 (top token of −g) at every extracted layer (the source layer's first),
+#   and a linear probe of the domain trained on the training gradients.
 # - **Round trip** (open vocabulary, exact because gradients are computable): the gradient of (prompt → the described
 #   `to`) against the true gradient (cosine), beside the same for the answer of another item of the same template.
 #
@@ -84,9 +84,10 @@ grads, items = inputs.vectors("grads", config.source_layer), inputs.items
 passages = read_contexts(contexts_path()).query("pool == 'domain'")
 heldout_domain = meta.get("heldout_domain")
 sets = {name: items.iloc[rows] for name, rows in ev.evaluation_sets(items, heldout_domain, max_items, seed).items()}
-# External items: gradients at the source layer (what the describer reads) and the deepest extracted layer (lens).
-layers = inputs.arrays["layers"]
-lens_layers = sorted({config.source_layer, max(layers)})
+# External items: gradients at every extracted layer, the source layer (what the describer reads) first; the Backward
+# Lens reads each of them (its first row is the source layer's, the one the replication table takes).
+layers = [int(x) for x in inputs.arrays["layers"]]
+lens_layers = [config.source_layer, *[x for x in layers if x != config.source_layer]]
 external = ex.external_items(max_items=max_external_items, seed=seed)
 with describer.original_model():  # gradients of the model the oracle ran, not of the LoRA-tuned describer
     external_grads = ex.external_gradients(model, tokenizer, external, lens_layers, batch_size)

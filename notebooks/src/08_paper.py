@@ -259,8 +259,8 @@ baselines = table("evaluate", "baselines")
 show(
     baselines.pivot_table(index=["set", "metric"], columns="baseline", values="estimate", sort=False),
     "The describer beside baselines on the same items of every set (in-distribution and external): the most "
-    "frequent training answer of the template, the Backward Lens hit@1 at the source layer and the deepest layer, a "
-    "same-template shuffle, and a linear probe of the domain (`baselines.csv` has each CI and n).",
+    "frequent training answer of the template, the Backward Lens hit@1 at every extracted layer (the source layer's "
+    "first), a same-template shuffle, and a linear probe of the domain (`baselines.csv` has each CI and n).",
 )
 show(
     table("evaluate", "roundtrip"),
