@@ -92,15 +92,21 @@ def train_and_score(
     return tables, time.perf_counter() - start
 
 
+def at_rows(grads: np.ndarray, rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """`grads` (one per item) placed at the items' `rows` of an (n_rows, …) zero array, the stage's row order."""
+    out = np.zeros((n_rows, *grads.shape[1:]), dtype=np.float32)
+    out[rows] = grads
+    return out
+
+
 def stage_gradients(model, tokenizer, inputs, source: int) -> np.ndarray:
     """(n, d) last-position gradients of the stage's items at block `source`, one row per item row: the gradients
     stage's own for a block it extracted, computed here (as that stage does) for any other block."""
     if source in [int(x) for x in inputs.stage.arrays["layers"]]:
         return inputs.stage.vectors("grads", source)
     items = inputs.stage.items
-    grads = np.zeros((int(items["row"].max()) + 1, model.config.hidden_size), dtype=np.float32)
-    grads[items["row"].to_numpy()] = correction_gradients(model, tokenizer, items, [source], "last", 32).grads[0]
-    return grads
+    grads = correction_gradients(model, tokenizer, items, [source], "last", 32).grads[0]
+    return at_rows(grads, items["row"].to_numpy(), int(items["row"].max()) + 1)
 
 
 def main(epochs: float, specs: list[str], sources: list[int], seeds: list[int]) -> None:

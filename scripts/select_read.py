@@ -52,7 +52,7 @@ import re
 import sys
 
 import numpy as np
-from select_init import rates, scoring_sets, train_and_score  # scripts/ is on the path of a script run from it
+from select_init import at_rows, rates, scoring_sets, train_and_score  # scripts/ is on the path of a script run from it
 from select_source_layer import selection_inputs
 
 import gradsense
@@ -72,10 +72,7 @@ def item_gradients(model, tokenizer, items, slots: int, position: str = "each") 
 
 def position_gradients(model, tokenizer, items, n_rows: int, slots: int, position: str = "each") -> np.ndarray:
     """`item_gradients` filled at the items' rows of an (n_rows, …) array."""
-    grads = item_gradients(model, tokenizer, items, slots, position)
-    out = np.zeros((n_rows, *grads.shape[1:]), dtype=np.float32)
-    out[items["row"].to_numpy()] = grads
-    return out
+    return at_rows(item_gradients(model, tokenizer, items, slots, position), items["row"].to_numpy(), n_rows)
 
 
 def with_last_slots(grads: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 import pandas as pd
-from select_init import rates, scoring_sets, train_and_score  # scripts/ is on the path of a script run from it
+from select_init import at_rows, rates, scoring_sets, train_and_score  # scripts/ is on the path of a script run from it
 from select_read import LAST_SLOTS, SOURCE_LAYER, item_gradients, report, with_last_slots
 from select_source_layer import selection_inputs
 
@@ -75,8 +75,7 @@ def main(epochs: float, counts: list[int]) -> None:
     val_years = inputs.val_pool[inputs.val_pool["target"].str.fullmatch(YEAR)].reset_index(drop=True)
     known = pd.concat([needed, val_years]).drop_duplicates("row")
     base = each_gradients(model, tokenizer, known)
-    grads = np.zeros((n_rows, *base.shape[1:]), dtype=np.float32)
-    grads[known["row"].to_numpy()] = base
+    grads = at_rows(base, known["row"].to_numpy(), n_rows)
     ext_grads = with_last_slots(
         ex.external_gradients(model, tokenizer, phrasings, [SOURCE_LAYER], 32, position="each", slots=K)[0]
     )
