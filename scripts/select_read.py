@@ -1,9 +1,9 @@
 """Choose which gradient positions the describer reads, on the validation split (run once by hand; not a stage).
 
-Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...]
-       SPEC = (last|each|sum|both)<k>[h<r>], e.g. last4 each6 last4h3 both6h3
+Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...] [--source BLOCK]
+       SPEC = (last|each|sum|both)<k>[h<r>], e.g. last4 each6 last4h3 both6h3; --source: the block read (default 22)
 Needs the pipeline's corrections, gradients and oracle outputs under results/. For each spec, trains the train
-stage's describer (params.yaml settings: linear projector reading block 22, lens init, injected at block 15, LoRA 8,
+stage's describer (params.yaml settings: linear projector reading --source, lens init, injected at block 15, LoRA 8,
 bfloat16) with k slots that read either the last prompt position's gradient (`last`, every slot from the same
 vector, as the pipeline) or one target-predicting position each (`each`: slot j reads the gradient at the position
 that predicts target token j, the last repeated for shorter targets; `sum`: every slot from the gradient summed
@@ -48,11 +48,17 @@ one slot each, does not teach this describer years.
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 
 import numpy as np
-from select_init import at_rows, rates, scoring_sets, train_and_score  # scripts/ is on the path of a script run from it
+from select_init import (
+    at_rows,
+    rates,
+    scoring_sets,
+    stage_gradients,
+    train_and_score,
+)  # scripts/ is on the path of a script run from it
 from select_source_layer import selection_inputs
 
 import gradsense
@@ -64,15 +70,20 @@ SOURCE_LAYER = 22
 LAST_SLOTS = 4  # slots that read the last prompt position in a `both` spec (the pipeline's k)
 
 
-def item_gradients(model, tokenizer, items, slots: int, position: str = "each") -> np.ndarray:
-    """Block-22 gradients of the items' (prompt, target), in their order: (n, slots, d), one per target-predicting
-    position (position "each"), or (n, d) summed over them (position "target")."""
-    return correction_gradients(model, tokenizer, items, [SOURCE_LAYER], position, 32, slots=slots).grads[0]
+def item_gradients(
+    model, tokenizer, items, slots: int, position: str = "each", source: int = SOURCE_LAYER
+) -> np.ndarray:
+    """Block-`source` gradients of the items' (prompt, target), in their order: (n, slots, d), one per
+    target-predicting position (position "each"), or (n, d) summed over them (position "target")."""
+    return correction_gradients(model, tokenizer, items, [source], position, 32, slots=slots).grads[0]
 
 
-def position_gradients(model, tokenizer, items, n_rows: int, slots: int, position: str = "each") -> np.ndarray:
+def position_gradients(
+    model, tokenizer, items, n_rows: int, slots: int, position: str = "each", source: int = SOURCE_LAYER
+) -> np.ndarray:
     """`item_gradients` filled at the items' rows of an (n_rows, …) array."""
-    return at_rows(item_gradients(model, tokenizer, items, slots, position), items["row"].to_numpy(), n_rows)
+    grads = item_gradients(model, tokenizer, items, slots, position, source)
+    return at_rows(grads, items["row"].to_numpy(), n_rows)
 
 
 def with_last_slots(grads: np.ndarray) -> np.ndarray:
@@ -93,7 +104,7 @@ def report(scored, items, seen=None) -> str:
     )
 
 
-def main(epochs: float, specs: list[str]) -> None:
+def main(epochs: float, specs: list[str], source: int = SOURCE_LAYER) -> None:
     """Train and score one describer per spec on the validation split (and, for the record, the new phrasings)."""
     inputs = selection_inputs()
     scored_items, seen, phrasings, options = scoring_sets(inputs)
@@ -112,20 +123,18 @@ def main(epochs: float, specs: list[str]) -> None:
         read, k, repeats = match[1], int(match[2]), int(match[3] or 1)
         slots = k + LAST_SLOTS - 1 if read == "both" else k
         if read == "last":
-            grads = inputs.stage.vectors("grads", SOURCE_LAYER)
-            ext_grads = ex.external_gradients(model, tokenizer, phrasings, [SOURCE_LAYER], 32)[0]
+            grads = stage_gradients(model, tokenizer, inputs, source)
+            ext_grads = ex.external_gradients(model, tokenizer, phrasings, [source], 32)[0]
         elif read == "sum":  # one vector per row, as `last`: the gradient summed over the target positions
-            grads = position_gradients(model, tokenizer, needed, n_rows, k, "target")
-            ext_grads = ex.external_gradients(model, tokenizer, phrasings, [SOURCE_LAYER], 32, position="target")[0]
+            grads = position_gradients(model, tokenizer, needed, n_rows, k, "target", source)
+            ext_grads = ex.external_gradients(model, tokenizer, phrasings, [source], 32, position="target")[0]
         else:
-            grads = position_gradients(model, tokenizer, needed, n_rows, k)
-            ext_grads = ex.external_gradients(
-                model, tokenizer, phrasings, [SOURCE_LAYER], 32, position="each", slots=k
-            )[0]
+            grads = position_gradients(model, tokenizer, needed, n_rows, k, source=source)
+            ext_grads = ex.external_gradients(model, tokenizer, phrasings, [source], 32, position="each", slots=k)[0]
             if read == "both":
                 grads, ext_grads = with_last_slots(grads), with_last_slots(ext_grads)
         config = DescriberConfig(
-            source_layer=SOURCE_LAYER,
+            source_layer=source,
             inject_layer=15,
             k=slots,
             init="lens",
@@ -142,11 +151,16 @@ def main(epochs: float, specs: list[str]) -> None:
             domain_repeats={"history": repeats},
         )
         print(
-            f"{spec} ({seconds:.0f} s): validation {report(val, scored_items, seen)}; history's training items "
+            f"{spec} source {source} ({seconds:.0f} s): validation {report(val, scored_items, seen)}; history's training items "
             f"{report(fit, history)}; new phrasings (not for the choice) {report(new, phrasings)}",
             flush=True,
         )
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]), sys.argv[2:])
+    parser = argparse.ArgumentParser(description="Choose which gradient positions the describer reads, on validation.")
+    parser.add_argument("epochs", type=float)
+    parser.add_argument("specs", nargs="+")
+    parser.add_argument("--source", type=int, default=SOURCE_LAYER, help="the block whose gradients are read")
+    args = parser.parse_args()
+    main(args.epochs, args.specs, args.source)
