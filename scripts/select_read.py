@@ -1,7 +1,8 @@
 """Choose which gradient positions the describer reads, on the validation split (run once by hand; not a stage).
 
-Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...] [--source BLOCK]
-       SPEC = (last|each|sum|both)<k>[h<r>], e.g. last4 each6 last4h3 both6h3; --source: the block read (default 22)
+Usage: python scripts/select_read.py EPOCHS SPEC [SPEC ...] [--source BLOCK] [--digits BLOCK]
+       SPEC = (last|each|sum|both)<k>[h<r>], e.g. last4 each6 last4h3 both6h3; --source: the block read (default 22);
+       --digits: the block whose target-position gradients a `both` spec's extra slots read (default: --source)
 Needs the pipeline's corrections, gradients and oracle outputs under results/. For each spec, trains the train
 stage's describer (params.yaml settings: linear projector reading --source, lens init, injected at block 15, LoRA 8,
 bfloat16) with k slots that read either the last prompt position's gradient (`last`, every slot from the same
@@ -44,6 +45,15 @@ gradient a year's last prompt position gets is tiny, median ‖g‖ 0.017 at blo
 hence `train.read` stays `last` again: against last4 above, answer recall is level (+0.005), the domain falls 0.045
 and history's domain falls from 0.32 to 0.05, and still no year is named. Reading the digits' positions, summed or
 one slot each, does not teach this describer years.
+With block 26 as the source (2026-12-06, 2-core Intel Xeon with AMX, 1 epoch, 200 validation items of which 22
+history and 10 years; `--source 26`, then `--source 26 --digits 29`: the Backward Lens reads a year's digits in place
+at 0.25–0.40 from block 26 and 0.67–0.78 from block 29, `lens_years.py`):
+- both, k = 6, block 26: domain 0.915, answer 0.820 (3/28); history 0.545 / 0.045, years 0/10; history's training
+  items 0.497 / 0.094, their 68 years 0.338 / 0.000; new phrasings 0.61 / 0.47;
+- both, k = 6, last slots block 26, target slots block 29 (222 s): domain 0.865, answer 0.830 (4/28); history 0.136 /
+  0.045, years 0/10; history's training items 0.398 / 0.111, their years 0.221 / 0.000; new phrasings 0.60 / 0.53;
+hence no year either way: digits that the lens reads from block 29 are not said by the describer after one epoch,
+not even for the training years, and history's domain falls (0.55 → 0.14) when the target slots read block 29.
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ from select_source_layer import selection_inputs
 import gradsense
 from gradsense import external as ex
 from gradsense.describer import DescriberConfig
-from gradsense.gradients import correction_gradients
+from gradsense.gradients import correction_gradients, slot_gradients
 
 SOURCE_LAYER = 22
 LAST_SLOTS = 4  # slots that read the last prompt position in a `both` spec (the pipeline's k)
@@ -87,9 +97,9 @@ def position_gradients(
 
 
 def with_last_slots(grads: np.ndarray) -> np.ndarray:
-    """Per-position gradients (n, k, d) → (n, LAST_SLOTS + k − 1, d): the first position (the last prompt token's,
-    what `last` reads) in LAST_SLOTS slots, each through its own block of the linear map as `last`'s d → k·d map,
-    then target positions 2 … k one slot each."""
+    """Per-position gradients (n, k, d) → (n, LAST_SLOTS + k − 1, d), as `slot_gradients` returns them from one
+    block: the first position (the last prompt token's, what `last` reads) in LAST_SLOTS slots, then target
+    positions 2 … k one slot each."""
     return np.concatenate([np.repeat(grads[:, :1], LAST_SLOTS, axis=1), grads[:, 1:]], axis=1)
 
 
@@ -104,7 +114,7 @@ def report(scored, items, seen=None) -> str:
     )
 
 
-def main(epochs: float, specs: list[str], source: int = SOURCE_LAYER) -> None:
+def main(epochs: float, specs: list[str], source: int = SOURCE_LAYER, digits: int | None = None) -> None:
     """Train and score one describer per spec on the validation split (and, for the record, the new phrasings)."""
     inputs = selection_inputs()
     scored_items, seen, phrasings, options = scoring_sets(inputs)
@@ -128,11 +138,13 @@ def main(epochs: float, specs: list[str], source: int = SOURCE_LAYER) -> None:
         elif read == "sum":  # one vector per row, as `last`: the gradient summed over the target positions
             grads = position_gradients(model, tokenizer, needed, n_rows, k, "target", source)
             ext_grads = ex.external_gradients(model, tokenizer, phrasings, [source], 32, position="target")[0]
-        else:
+        elif read == "each":
             grads = position_gradients(model, tokenizer, needed, n_rows, k, source=source)
             ext_grads = ex.external_gradients(model, tokenizer, phrasings, [source], 32, position="each", slots=k)[0]
-            if read == "both":
-                grads, ext_grads = with_last_slots(grads), with_last_slots(ext_grads)
+        else:  # both: the last prompt position's (block `source`) in LAST_SLOTS slots, then target positions 2 … k
+            both = {"source": source, "digits": digits, "last_slots": LAST_SLOTS, "slots": k}
+            grads = at_rows(slot_gradients(model, tokenizer, needed, **both), needed["row"].to_numpy(), n_rows)
+            ext_grads = slot_gradients(model, tokenizer, phrasings, **both, progress=False)
         config = DescriberConfig(
             source_layer=source,
             inject_layer=15,
@@ -151,7 +163,7 @@ def main(epochs: float, specs: list[str], source: int = SOURCE_LAYER) -> None:
             domain_repeats={"history": repeats},
         )
         print(
-            f"{spec} source {source} ({seconds:.0f} s): validation {report(val, scored_items, seen)}; history's training items "
+            f"{spec} source {source}{f' digits {digits}' if read == 'both' and digits else ''} ({seconds:.0f} s): validation {report(val, scored_items, seen)}; history's training items "
             f"{report(fit, history)}; new phrasings (not for the choice) {report(new, phrasings)}",
             flush=True,
         )
@@ -162,5 +174,6 @@ if __name__ == "__main__":
     parser.add_argument("epochs", type=float)
     parser.add_argument("specs", nargs="+")
     parser.add_argument("--source", type=int, default=SOURCE_LAYER, help="the block whose gradients are read")
+    parser.add_argument("--digits", type=int, default=None, help="the block a `both` spec's target slots read")
     args = parser.parse_args()
-    main(args.epochs, args.specs, args.source)
+    main(args.epochs, args.specs, args.source, args.digits)

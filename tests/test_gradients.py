@@ -1,11 +1,19 @@
 """Activation gradients are the exact per-item gradients: batched = loop, = finite differences, at the right site."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from gradsense.errors import GradsenseError
-from gradsense.gradients import activation_gradients, resolve_layer, resolve_layers, target_loss
+from gradsense.gradients import (
+    activation_gradients,
+    correction_gradients,
+    resolve_layer,
+    resolve_layers,
+    slot_gradients,
+    target_loss,
+)
 from gradsense.hooks import edit_block_output
 from gradsense.scoring import encode, forward, target_nll, target_text
 from gradsense.steering import final_token_activations, steering_vectors
@@ -77,6 +85,24 @@ def test_each_position_holds_every_target_position_and_repeats_the_last(tiny, pa
         assert (np.linalg.norm(each.grads[:, row, :used], axis=-1) > 0).all()
     with pytest.raises(GradsenseError, match="slots"):
         activation_gradients(model, tokenizer, PROMPTS, TARGETS, position="each", slots=0, **kw)
+
+
+def test_slot_gradients_put_the_last_prompt_position_of_one_block_beside_the_target_positions_of_another(tiny):
+    """slot_gradients: the first `last_slots` slots hold the source block's last-position gradient, the rest the
+    other block's target positions 2 … slots, as two separate extractions give them."""
+    model, tokenizer = tiny
+    table = pd.DataFrame({"id": IDS, "prompt": PROMPTS, "target": ["Paris", "1066", "the year 1066", "ATP", "q"]})
+    got = slot_gradients(model, tokenizer, table, source=1, digits=3, last_slots=2, slots=4, progress=False)
+    kw = dict(position="each", slots=4, progress=False)
+    at_1 = correction_gradients(model, tokenizer, table, [1], **kw).grads[0]
+    at_3 = correction_gradients(model, tokenizer, table, [3], **kw).grads[0]
+    assert got.shape == (len(IDS), 2 + 3, model.config.hidden_size)
+    _assert_same(got[:, :2], np.repeat(at_1[:, :1], 2, axis=1))
+    _assert_same(got[:, 2:], at_3[:, 1:])
+    same = slot_gradients(model, tokenizer, table, source=1, last_slots=2, slots=4, progress=False)
+    _assert_same(same[:, 2:], at_1[:, 1:])
+    with pytest.raises(GradsenseError, match="slots"):
+        slot_gradients(model, tokenizer, table, source=1, slots=1, progress=False)
 
 
 def test_loss_is_teacher_forced_target_nll(tiny):

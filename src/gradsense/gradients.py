@@ -317,6 +317,27 @@ def correction_gradients(
     )
 
 
+def slot_gradients(
+    model: nn.Module,
+    tokenizer,
+    table: pd.DataFrame,
+    source: int,
+    digits: int | None = None,
+    last_slots: int = 4,
+    slots: int = 6,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> np.ndarray:
+    """(N, last_slots + slots − 1, d) gradients for a `read="each"` describer, from one backward pass: the last
+    prompt position's at block `source` in `last_slots` slots, then target positions 2 … `slots` at block `digits`."""
+    if last_slots < 1 or slots < 2:
+        raise GradsenseError(f"slot gradients need last_slots ≥ 1 and slots ≥ 2, got {last_slots} and {slots}")
+    layers = [source] if digits in (None, source) else [source, digits]
+    grads = correction_gradients(model, tokenizer, table, layers, "each", batch_size, progress=progress, slots=slots)
+    first, later = grads.grads[0], grads.grads[-1]
+    return np.concatenate([np.repeat(first[:, :1], last_slots, axis=1), later[:, 1:]], axis=1)
+
+
 def save_gradients(path: str | Path, result: ActivationGradients, steering: np.ndarray) -> Path:
     """Write grads, acts, steering, loss, layers, ids (and position, n_target_tokens) as one .npz, atomically."""
     if steering.shape != result.grads.shape:
