@@ -81,14 +81,14 @@ def train_and_score(
     config: DescriberConfig, epochs: float, inputs, scored: list, options: dict, **train_options
 ) -> tuple[list, float]:
     """Train the train stage's describer (a freshly loaded model: LoRA changes it in place) for `epochs` (and any
-    other `TrainConfig` settings given) and score each (gradients, items) pair of `scored`; returns the scored
-    tables and the seconds it took."""
+    other `TrainConfig` settings given) and score each (gradients, items[, control]) entry of `scored` (control
+    "gradient" unless named); returns the scored tables and the seconds it took."""
     model, tokenizer = gradsense.load_model(None)
     defaults = {"batch_size": 16, "control_share": 0.2, "context_share": 0.75, "hard_share": 0.3, "eval_every": 35}
     train = TrainConfig(epochs=epochs, **{**defaults, **train_options})
     start = time.perf_counter()
     describer = train_describer(model, tokenizer, inputs, scored[0][0], config, train)
-    tables = [ev.describe_items(describer, grads, items, **options) for grads, items in scored]
+    tables = [ev.describe_items(describer, grads, items, *control, **options) for grads, items, *control in scored]
     return tables, time.perf_counter() - start
 
 

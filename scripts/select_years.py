@@ -1,7 +1,7 @@
 """Can the describer learn to read a year from the gradient rather than recall it from the fact? Chosen on the
 validation split (run once by hand; not a stage).
 
-Usage: python scripts/select_years.py EPOCHS N [N ...] [--source B] [--digits D] [--control-share S]   N =
+Usage: python scripts/select_years.py EPOCHS N [N ...] [--source B] [--digits D] [--control-share S [S ...]]   N =
 counterfactual targets per training year (0 = none); B = the block the last-position slots read (default 22), D = the
 block the target-position slots read (default B); S = share of each batch that is a noise or no-injection control
 row (default 0.2)
@@ -30,12 +30,22 @@ read, not recalled. But every year row's domain is wrong: y12 says `none` on all
 right year in `to`), y0 says a year ("2019", "2018", …) as the domain. (The same y12 on a 2-core Intel Xeon with AMX
 the day before: 0.910 / 0.880, the 200's years 5 / 10, all validation years 0.40, random years 12 / 15: the
 machines' bfloat16 arithmetic differs, and so do the runs; seeds are still to be run.)
+The cause of the year rows' domain is the control rows (noise and no injection, labelled `none`): with none of them
+(`--control-share 0`, y12, same machine) validation is 0.960 / 0.905 (unseen 10 / 28), history 0.73 / 0.36, all 15
+validation years 0.47 / 0.73, random years 0.67 / 0.87, history's training items 0.74 / 0.62, new phrasings
+0.67 / 0.52. The pipeline's own read (`select_read.py 3 last4 --source 26`, same machine, 3 epochs): 0.880 / 0.840,
+unseen 2 / 28, the 200's years 0 / 10. Not robust: with control share 0.1 (`--control-share 0.1`, y12, same
+machine) no year is read: 0.905 / 0.855 (unseen 3 / 28), the 200's years 0 / 10, all validation years 0.07 / 0.07,
+random years 0.00 / 0.07, with the domain said as "none; period;" or "11th"; its controls name a domain on 0.065 of
+the 200 under noise, 0.000 with no injection. Reading the digits is a basin that one run finds and another misses:
+seeds (and the control share) must be chosen on validation before the pipeline takes this read.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,7 +56,7 @@ from select_source_layer import selection_inputs
 import gradsense
 from gradsense.describer import DescriberConfig
 from gradsense.gradients import slot_gradients
-from gradsense.teacher import label_head, parse_label
+from gradsense.teacher import NO_DOMAIN, label_head, parse_label
 
 K = 6  # target positions read: a bare space and four digits
 YEAR = r"\d{3,4}"
@@ -72,6 +82,12 @@ def random_years(items: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(copies).reset_index(drop=True)
 
 
+def said_pressure(scored: pd.DataFrame) -> str:
+    """How often a control's description names a domain at all, and the injected item's domain."""
+    named = ~scored["reported_domain"].fillna(NO_DOMAIN).isin([NO_DOMAIN, ""])
+    return f"a domain {named.mean():.3f} (the item's {scored['domain_ok'].mean():.3f})"
+
+
 def each_gradients(
     model, tokenizer, items: pd.DataFrame, source: int = SOURCE_LAYER, digits: int | None = None
 ) -> np.ndarray:
@@ -81,7 +97,11 @@ def each_gradients(
 
 
 def main(
-    epochs: float, counts: list[int], source: int = SOURCE_LAYER, digits: int | None = None, control_share: float = 0.2
+    epochs: float,
+    counts: list[int],
+    source: int = SOURCE_LAYER,
+    digits: int | None = None,
+    control_shares: Sequence[float] = (0.2,),
 ) -> None:
     """Train and score one describer per count of random years per training year."""
     inputs = selection_inputs()
@@ -114,39 +134,43 @@ def main(
         augmented = dataclasses.replace(
             inputs, train_items=pd.concat([inputs.train_items, extra], ignore_index=True), negatives=negatives
         )
-        config = DescriberConfig(
-            source_layer=source,
-            inject_layer=15,
-            k=LAST_SLOTS + K - 1,
-            init="lens",
-            lora_rank=8,
-            precision="bf16",
-            read="each",
-        )
-        (val, vy, vr, fit, new), seconds = train_and_score(
-            config,
-            epochs,
-            augmented,
-            [
-                (all_grads, scored_items),
-                (all_grads, val_years),
-                (val_random_grads, val_random.assign(row=np.arange(len(val_random)))),
-                (all_grads, history),
-                (ext_grads, phrasings),
-            ],
-            options,
-            control_share=control_share,
-        )
-        print(
-            f"y{n} source {source} digits {digits or source} control share {control_share} (+{len(extra)} rows, {seconds:.0f} s): validation {report(val, scored_items, seen)}; "
-            f"validation years {rates(vy)}; validation prompts, random years {rates(vr)}; "
-            f"history's training items {report(fit, history)}; new phrasings (not for the choice) "
-            f"{report(new, phrasings)}",
-            flush=True,
-        )
-        for name, table in (("validation years", vy), ("validation prompts, random years", vr)):
-            said = table["reported_domain"].fillna("-").value_counts().to_dict()
-            print(f"  {name}: domains said {said}; to {table['reported_to'].fillna('-').tolist()}", flush=True)
+        for share in control_shares:
+            config = DescriberConfig(
+                source_layer=source,
+                inject_layer=15,
+                k=LAST_SLOTS + K - 1,
+                init="lens",
+                lora_rank=8,
+                precision="bf16",
+                read="each",
+            )
+            (val, vy, vr, fit, new, noise, blank), seconds = train_and_score(
+                config,
+                epochs,
+                augmented,
+                [
+                    (all_grads, scored_items),
+                    (all_grads, val_years),
+                    (val_random_grads, val_random.assign(row=np.arange(len(val_random)))),
+                    (all_grads, history),
+                    (ext_grads, phrasings),
+                    (all_grads, scored_items, "noise"),
+                    (all_grads, scored_items, "none"),
+                ],
+                options,
+                control_share=share,
+            )
+            print(
+                f"y{n} source {source} digits {digits or source} control share {share} (+{len(extra)} rows, {seconds:.0f} s): validation {report(val, scored_items, seen)}; "
+                f"validation years {rates(vy)}; validation prompts, random years {rates(vr)}; "
+                f"history's training items {report(fit, history)}; new phrasings (not for the choice) "
+                f"{report(new, phrasings)}; controls on the 200: {said_pressure(noise)} under noise, {said_pressure(blank)} "
+                "with no injection",
+                flush=True,
+            )
+            for name, table in (("validation years", vy), ("validation prompts, random years", vr)):
+                said = table["reported_domain"].fillna("-").value_counts().to_dict()
+                print(f"  {name}: domains said {said}; to {table['reported_to'].fillna('-').tolist()}", flush=True)
 
 
 if __name__ == "__main__":
@@ -156,7 +180,11 @@ if __name__ == "__main__":
     parser.add_argument("--source", type=int, default=SOURCE_LAYER, help="the block the last-position slots read")
     parser.add_argument("--digits", type=int, default=None, help="the block the target-position slots read")
     parser.add_argument(
-        "--control-share", type=float, default=0.2, help="share of each batch that is a noise or no-injection row"
+        "--control-share",
+        type=float,
+        nargs="+",
+        default=[0.2],
+        help="share of each batch that is a noise or no-injection row (one describer per share and count)",
     )
     args = parser.parse_args()
     main(args.epochs, args.counts, args.source, args.digits, args.control_share)
