@@ -77,17 +77,24 @@ def scoring_sets(inputs) -> tuple:
     return scored_items, seen, phrasings, {"seed": 0, "batch_size": 64, "max_new_tokens": 0, "domains": domains}
 
 
-def train_and_score(
-    config: DescriberConfig, epochs: float, inputs, scored: list, options: dict, **train_options
-) -> tuple[list, float]:
-    """Train the train stage's describer (a freshly loaded model: LoRA changes it in place) for `epochs` (and any
-    other `TrainConfig` settings given) and score each (gradients, items[, control]) entry of `scored` (control
-    "gradient" unless named); returns the scored tables and the seconds it took."""
+def train_only(config: DescriberConfig, epochs: float, inputs, grads: np.ndarray, **train_options) -> tuple:
+    """Train the train stage's describer (a freshly loaded model: LoRA changes it in place) on `grads` for `epochs`
+    (and any other `TrainConfig` settings given); returns the describer and the seconds it took."""
     model, tokenizer = gradsense.load_model(None)
     defaults = {"batch_size": 16, "control_share": 0.2, "context_share": 0.75, "hard_share": 0.3, "eval_every": 35}
     train = TrainConfig(epochs=epochs, **{**defaults, **train_options})
     start = time.perf_counter()
-    describer = train_describer(model, tokenizer, inputs, scored[0][0], config, train)
+    describer = train_describer(model, tokenizer, inputs, grads, config, train)
+    return describer, time.perf_counter() - start
+
+
+def train_and_score(
+    config: DescriberConfig, epochs: float, inputs, scored: list, options: dict, **train_options
+) -> tuple[list, float]:
+    """`train_only` on the first entry's gradients, then score each (gradients, items[, control]) entry of `scored`
+    (control "gradient" unless named); returns the scored tables and the seconds it took."""
+    start = time.perf_counter()
+    describer, _ = train_only(config, epochs, inputs, scored[0][0], **train_options)
     tables = [ev.describe_items(describer, grads, items, *control, **options) for grads, items, *control in scored]
     return tables, time.perf_counter() - start
 

@@ -131,6 +131,8 @@ def main(epochs: float, specs: list[str], source: int = SOURCE_LAYER, digits: in
         if match is None or match[3] == "0":
             raise SystemExit(f"spec {spec!r} is not (last|each|sum|both)<k>[h<r>] with r ≥ 1")
         read, k, repeats = match[1], int(match[2]), int(match[3] or 1)
+        if digits is not None and read != "both":
+            raise SystemExit(f"--digits is read by `both` specs only, not by {spec!r}")
         slots = k + LAST_SLOTS - 1 if read == "both" else k
         if read == "last":
             grads = stage_gradients(model, tokenizer, inputs, source)

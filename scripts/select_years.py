@@ -1,10 +1,13 @@
 """Can the describer learn to read a year from the gradient rather than recall it from the fact? Chosen on the
 validation split (run once by hand; not a stage).
 
-Usage: python scripts/select_years.py EPOCHS N [N ...] [--source B] [--digits D] [--control-share S [S ...]]   N =
-counterfactual targets per training year (0 = none); B = the block the last-position slots read (default 22), D = the
-block the target-position slots read (default B); S = share of each batch that is a noise or no-injection control
-row (default 0.2)
+Usage: python scripts/select_years.py EPOCHS N [N ...] [--source B] [--digits D] [--control-share S [S ...]]
+       [--seeds SEED ...]
+N = counterfactual targets per training year (0 = none); B = the block the last-position slots read (default 22),
+D = the block the target-position slots read (default B); S = share of each batch that is a noise or no-injection
+control row (default 0.2); SEED: training seeds, one describer each (default 0). Every set is also scored with the
+domain field read from a closed vocabulary (`forced_choice.closed_domains`: the domain names and `none`, and `none`
+left out where the description names a `to` value).
 Needs the pipeline's corrections, gradients and oracle outputs under results/. The describer of `select_read.py`'s
 `both6` (four slots read the last prompt position, one slot each reads target positions 2 … 6: a bare space and four
 digits) is trained on the train stage's items plus, for every training item whose target is a year, N copies whose
@@ -45,18 +48,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from select_init import at_rows, rates, scoring_sets, train_and_score  # scripts/ is on the path of a script run from it
+from select_init import at_rows, rates, scoring_sets, train_only  # scripts/ is on the path of a script run from it
 from select_read import LAST_SLOTS, SOURCE_LAYER, report
 from select_source_layer import selection_inputs
 
 import gradsense
+from gradsense import evaluate as ev
+from gradsense import forced_choice as fc
 from gradsense.describer import DescriberConfig
 from gradsense.gradients import slot_gradients
-from gradsense.teacher import NO_DOMAIN, label_head, parse_label
+from gradsense.teacher import NO_DOMAIN, NO_TOKEN, label_head, parse_label
 
 K = 6  # target positions read: a bare space and four digits
 YEAR = r"\d{3,4}"
@@ -83,17 +89,35 @@ def random_years(items: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def said_pressure(scored: pd.DataFrame) -> str:
-    """How often a control's description names a domain at all, and the injected item's domain."""
+    """How often a control's description names a domain at all, a `to` value, and the injected item's domain."""
     named = ~scored["reported_domain"].fillna(NO_DOMAIN).isin([NO_DOMAIN, ""])
-    return f"a domain {named.mean():.3f} (the item's {scored['domain_ok'].mean():.3f})"
+    valued = ~scored["reported_to"].fillna(NO_TOKEN).isin([NO_TOKEN, ""])
+    return (
+        f"a domain {named.mean():.3f}, a `to` value {valued.mean():.3f} (the item's {scored['domain_ok'].mean():.3f})"
+    )
+
+
+def closed_rates(describer, grads: np.ndarray, scored: pd.DataFrame, items: pd.DataFrame, domains: list[str]) -> str:
+    """Domain accuracy with the domain field read from a closed vocabulary (`forced_choice.closed_domains`): among
+    the domain names and `none` (closed), and with `none` left out where the description names a `to` value (closed,
+    to-consistent); beside the free decoding's."""
+    candidates = [*domains, NO_DOMAIN]
+    scores = fc.domain_logprobs(describer, np.asarray(grads)[items["row"].to_numpy()], candidates)
+    truth = items["domain"].to_numpy()
+    closed = fc.closed_domains(scores, candidates, [None] * len(items))
+    consistent = fc.closed_domains(scores, candidates, scored["reported_to"].tolist())
+    return (
+        f"domain free {scored['domain_ok'].mean():.3f}, closed {(closed == truth).mean():.3f}, "
+        f"closed to-consistent {(consistent == truth).mean():.3f} (n = {len(items)})"
+    )
 
 
 def each_gradients(
-    model, tokenizer, items: pd.DataFrame, source: int = SOURCE_LAYER, digits: int | None = None
+    model, tokenizer, items: pd.DataFrame, source: int = SOURCE_LAYER, digits: int | None = None, progress: bool = True
 ) -> np.ndarray:
     """Gradients of the items' (prompt, target) read as `both6`: (n, LAST_SLOTS + K − 1, d), the last prompt
     position's from block `source`, the target positions' from block `digits` (default `source`)."""
-    return slot_gradients(model, tokenizer, items, source, digits, LAST_SLOTS, K)
+    return slot_gradients(model, tokenizer, items, source, digits, LAST_SLOTS, K, progress=progress)
 
 
 def main(
@@ -102,8 +126,9 @@ def main(
     source: int = SOURCE_LAYER,
     digits: int | None = None,
     control_shares: Sequence[float] = (0.2,),
+    seeds: Sequence[int] = (0,),
 ) -> None:
-    """Train and score one describer per count of random years per training year."""
+    """Train and score one describer per count of random years per training year, control share and seed."""
     inputs = selection_inputs()
     scored_items, seen, phrasings, options = scoring_sets(inputs)
     model, tokenizer = gradsense.load_model(None)  # gradients come from the frozen model
@@ -116,7 +141,7 @@ def main(
     known = pd.concat([needed, val_years]).drop_duplicates("row")
     base = each_gradients(model, tokenizer, known, source, digits)
     grads = at_rows(base, known["row"].to_numpy(), n_rows)
-    ext_grads = slot_gradients(model, tokenizer, phrasings, source, digits, LAST_SLOTS, K, progress=False)
+    ext_grads = each_gradients(model, tokenizer, phrasings, source, digits, progress=False)
     history = inputs.train_items[inputs.train_items["domain"] == "history"].reset_index(drop=True)
     train_years = inputs.train_items[inputs.train_items["target"].str.fullmatch(YEAR)]
     val_random = random_years(val_years, 1, seed=1)
@@ -125,6 +150,7 @@ def main(
         f"{len(train_years)} training years, {len(val_years)} validation years; {n_rows} stage rows",
         flush=True,
     )
+    per_seed: dict[tuple[int, float], list[pd.DataFrame]] = {}
     for n in counts:
         extra = random_years(train_years, n, seed=0) if n else train_years.iloc[:0]
         extra = extra.assign(row=n_rows + np.arange(len(extra)))
@@ -134,7 +160,7 @@ def main(
         augmented = dataclasses.replace(
             inputs, train_items=pd.concat([inputs.train_items, extra], ignore_index=True), negatives=negatives
         )
-        for share in control_shares:
+        for share, seed in itertools.product(control_shares, seeds):
             config = DescriberConfig(
                 source_layer=source,
                 inject_layer=15,
@@ -143,34 +169,42 @@ def main(
                 lora_rank=8,
                 precision="bf16",
                 read="each",
+            )  # rebuilt per describer: training writes its decoding cap into it
+            describer, seconds = train_only(config, epochs, augmented, all_grads, control_share=share, seed=seed)
+            sets = {
+                "validation": (all_grads, scored_items),
+                "validation years": (all_grads, val_years),
+                "validation prompts, random years": (
+                    val_random_grads,
+                    val_random.assign(row=np.arange(len(val_random))),
+                ),
+                "history's training items": (all_grads, history),
+                "new phrasings": (ext_grads, phrasings),
+            }
+            tables = {name: ev.describe_items(describer, g, rows, **options) for name, (g, rows) in sets.items()}
+            noise, blank = (
+                ev.describe_items(describer, all_grads, scored_items, c, **options) for c in ("noise", "none")
             )
-            (val, vy, vr, fit, new, noise, blank), seconds = train_and_score(
-                config,
-                epochs,
-                augmented,
-                [
-                    (all_grads, scored_items),
-                    (all_grads, val_years),
-                    (val_random_grads, val_random.assign(row=np.arange(len(val_random)))),
-                    (all_grads, history),
-                    (ext_grads, phrasings),
-                    (all_grads, scored_items, "noise"),
-                    (all_grads, scored_items, "none"),
-                ],
-                options,
-                control_share=share,
-            )
+            val, vy, vr = (tables[k] for k in list(sets)[:3])
             print(
-                f"y{n} source {source} digits {digits or source} control share {share} (+{len(extra)} rows, {seconds:.0f} s): validation {report(val, scored_items, seen)}; "
+                f"y{n} source {source} digits {digits or source} control share {share} seed {seed} (+{len(extra)} rows, {seconds:.0f} s): validation {report(val, scored_items, seen)}; "
                 f"validation years {rates(vy)}; validation prompts, random years {rates(vr)}; "
-                f"history's training items {report(fit, history)}; new phrasings (not for the choice) "
-                f"{report(new, phrasings)}; controls on the 200: {said_pressure(noise)} under noise, {said_pressure(blank)} "
-                "with no injection",
+                f"history's training items {report(tables[list(sets)[3]], history)}; new phrasings (not for the choice) "
+                f"{report(tables['new phrasings'], phrasings)}; controls on the 200: {said_pressure(noise)} under noise, "
+                f"{said_pressure(blank)} with no injection",
                 flush=True,
             )
+            for name, (g, rows) in sets.items():
+                print(f"  {name}: {closed_rates(describer, g, tables[name], rows, options['domains'])}", flush=True)
             for name, table in (("validation years", vy), ("validation prompts, random years", vr)):
                 said = table["reported_domain"].fillna("-").value_counts().to_dict()
                 print(f"  {name}: domains said {said}; to {table['reported_to'].fillna('-').tolist()}", flush=True)
+            per_seed.setdefault((n, share), []).append(val)
+    for (n, share), runs in per_seed.items():
+        if len(runs) > 1:
+            for metric in ("domain_ok", "answer_ok"):
+                values = [float(t[metric].mean()) for t in runs]
+                print(f"y{n} share {share} {metric} over seeds {seeds}: {np.mean(values):.3f} ± {np.std(values):.3f}")
 
 
 if __name__ == "__main__":
@@ -186,5 +220,6 @@ if __name__ == "__main__":
         default=[0.2],
         help="share of each batch that is a noise or no-injection row (one describer per share and count)",
     )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (each a describer)")
     args = parser.parse_args()
-    main(args.epochs, args.counts, args.source, args.digits, args.control_share)
+    main(args.epochs, args.counts, args.source, args.digits, args.control_share, args.seeds)

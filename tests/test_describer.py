@@ -302,3 +302,17 @@ def test_domain_choice_by_hand():
     assert domain_choice(scores, truth, ["history", "biology", "religion"]).tolist() == [True, False, True]
     with pytest.raises(GradsenseError, match="not among the candidate"):
         domain_choice(scores, ["chess"] * 3, ["history", "biology", "religion"])
+
+
+def test_closed_domains_never_say_none_beside_a_to_value():
+    from gradsense.forced_choice import closed_domains
+
+    domains = ["history", "biology", "none"]
+    scores = np.array([[-3.0, -2.0, -0.1], [-3.0, -2.0, -0.1], [-0.5, -2.0, -1.0], [-4.0, -1.0, -0.2]])
+    # rows 0 and 3 say no value ("<none>", missing); row 1 names a year; row 2's best domain is history anyway
+    said_to = ["<none>", "1789", "Paris", None]
+    assert closed_domains(scores, domains, said_to).tolist() == ["none", "biology", "history", "none"]
+    assert closed_domains(scores, domains, [None] * 4).tolist() == ["none", "none", "history", "none"]
+    assert closed_domains(scores[:, :2], domains[:2], said_to).tolist() == ["biology", "biology", "history", "biology"]
+    with pytest.raises(GradsenseError, match="closed domains: scores of shape"):
+        closed_domains(scores, domains, said_to[:3])

@@ -13,6 +13,7 @@ from gradsense.describer import Describer
 from gradsense.errors import GradsenseError
 from gradsense.scoring import batches
 from gradsense.stats import rate_rows
+from gradsense.teacher import NO_DOMAIN, NO_TOKEN, UNCLEAR
 
 TOP_1 = "forced choice top-1"
 TOP_1_TEMPLATE = "forced choice top-1, same template"
@@ -210,3 +211,19 @@ def domain_choice(scores: np.ndarray, truth: Sequence[str], domains: Sequence[st
     scores = np.asarray(scores)
     own = scores[np.arange(len(scores)), [domains.index(t) for t in truth]]
     return (scores >= own[:, None]).sum(1) == 1
+
+
+def closed_domains(scores: np.ndarray, domains: Sequence[str], reported_to: Sequence[str | None]) -> np.ndarray:
+    """Per row: the domain field read from a closed vocabulary, the one of `domains` (the columns of `scores`,
+    `domain_logprobs`) with the highest score, NO_DOMAIN left out where the description names a `to` value."""
+    scores = np.asarray(scores, dtype=float)
+    domains = list(domains)
+    if scores.ndim != 2 or scores.shape != (len(reported_to), len(domains)):
+        raise GradsenseError(
+            f"closed domains: scores of shape {scores.shape} for {len(reported_to)} rows and {len(domains)} domains"
+        )
+    names_value = np.array([isinstance(t, str) and t.strip() not in ("", NO_TOKEN, UNCLEAR) for t in reported_to])
+    if NO_DOMAIN in domains:
+        scores = scores.copy()
+        scores[names_value, domains.index(NO_DOMAIN)] = -np.inf
+    return np.array(domains, dtype=object)[scores.argmax(1)]
