@@ -75,7 +75,7 @@ from gradsense import evaluate as ev
 from gradsense import forced_choice as fc
 from gradsense.describer import DescriberConfig
 from gradsense.gradients import slot_gradients
-from gradsense.teacher import NO_DOMAIN, NO_TOKEN, label_head, parse_label
+from gradsense.teacher import NO_DOMAIN, label_head, parse_label
 
 K = 6  # target positions read: a bare space and four digits
 YEAR = r"\d{3,4}"
@@ -104,7 +104,7 @@ def random_years(items: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 def said_pressure(scored: pd.DataFrame) -> str:
     """How often a control's description names a domain at all, a `to` value, and the injected item's domain."""
     named = ~scored["reported_domain"].fillna(NO_DOMAIN).isin([NO_DOMAIN, ""])
-    valued = ~scored["reported_to"].fillna(NO_TOKEN).isin([NO_TOKEN, ""])
+    valued = fc.names_a_value(scored["reported_to"].tolist())
     return (
         f"a domain {named.mean():.3f}, a `to` value {valued.mean():.3f} (the item's {scored['domain_ok'].mean():.3f})"
     )
@@ -198,11 +198,12 @@ def main(
             noise, blank = (
                 ev.describe_items(describer, all_grads, scored_items, c, **options) for c in ("noise", "none")
             )
-            val, vy, vr = (tables[k] for k in list(sets)[:3])
+            val, vy, vr = tables["validation"], tables["validation years"], tables["validation prompts, random years"]
+            fit = tables["history's training items"]
             print(
                 f"y{n} source {source} digits {digits or source} control share {share} seed {seed} (+{len(extra)} rows, {seconds:.0f} s): validation {report(val, scored_items, seen)}; "
                 f"validation years {rates(vy)}; validation prompts, random years {rates(vr)}; "
-                f"history's training items {report(tables[list(sets)[3]], history)}; new phrasings (not for the choice) "
+                f"history's training items {report(fit, history)}; new phrasings (not for the choice) "
                 f"{report(tables['new phrasings'], phrasings)}; controls on the 200: {said_pressure(noise)} under noise, "
                 f"{said_pressure(blank)} with no injection",
                 flush=True,

@@ -213,6 +213,11 @@ def domain_choice(scores: np.ndarray, truth: Sequence[str], domains: Sequence[st
     return (scores >= own[:, None]).sum(1) == 1
 
 
+def names_a_value(reported_to: Sequence[str | None]) -> np.ndarray:
+    """Per description: whether its `to` field names a value (not missing, blank, NO_TOKEN or UNCLEAR)."""
+    return np.array([isinstance(t, str) and t.strip() not in ("", NO_TOKEN, UNCLEAR) for t in reported_to], dtype=bool)
+
+
 def closed_domains(scores: np.ndarray, domains: Sequence[str], reported_to: Sequence[str | None]) -> np.ndarray:
     """Per row: the domain field read from a closed vocabulary, the one of `domains` (the columns of `scores`,
     `domain_logprobs`) with the highest score, NO_DOMAIN left out where the description names a `to` value."""
@@ -222,8 +227,7 @@ def closed_domains(scores: np.ndarray, domains: Sequence[str], reported_to: Sequ
         raise GradsenseError(
             f"closed domains: scores of shape {scores.shape} for {len(reported_to)} rows and {len(domains)} domains"
         )
-    names_value = np.array([isinstance(t, str) and t.strip() not in ("", NO_TOKEN, UNCLEAR) for t in reported_to])
     if NO_DOMAIN in domains:
         scores = scores.copy()
-        scores[names_value, domains.index(NO_DOMAIN)] = -np.inf
+        scores[names_a_value(reported_to), domains.index(NO_DOMAIN)] = -np.inf
     return np.array(domains, dtype=object)[scores.argmax(1)]
